@@ -1,0 +1,39 @@
+"""tasksession: one AsyncSession per unit of work, keyed to its task.
+
+Everything public is re-exported here; the implementation lives in private
+modules, one concept each. Importing this package does not import tornado.
+"""
+
+from ._errors import ConcurrentSessionError as ConcurrentSessionError
+from ._errors import CrossThreadError as CrossThreadError
+from ._errors import ImplicitIOError as ImplicitIOError
+from ._errors import NoScopeError as NoScopeError
+from ._errors import NotConfiguredError as NotConfiguredError
+from ._errors import PoolExhaustedError as PoolExhaustedError
+from ._errors import ReadOnlyScopeError as ReadOnlyScopeError
+from ._errors import ScopeClosedError as ScopeClosedError
+from ._errors import TaskSessionError as TaskSessionError
+from ._errors import UnsupportedBackendError as UnsupportedBackendError
+from ._errors import UnsupportedDriverError as UnsupportedDriverError
+from ._manager import SessionManager as SessionManager
+from ._scope import Scope as Scope
+from ._stats import ManagerStatistics as ManagerStatistics
+from ._stats import ScopeInfo as ScopeInfo
+
+__all__ = [
+    "ConcurrentSessionError",
+    "CrossThreadError",
+    "ImplicitIOError",
+    "ManagerStatistics",
+    "NoScopeError",
+    "NotConfiguredError",
+    "PoolExhaustedError",
+    "ReadOnlyScopeError",
+    "Scope",
+    "ScopeClosedError",
+    "ScopeInfo",
+    "SessionManager",
+    "TaskSessionError",
+    "UnsupportedBackendError",
+    "UnsupportedDriverError",
+]

@@ -1,0 +1,196 @@
+"""The guard: who may use a scope's session, and when.
+
+A scope's session records which task is inside one of its operations (and how
+deeply, for same-task reentrancy). Every guarded operation calls
+:func:`enter_*` before it does anything and :func:`leave` when it is done, in
+the shape of trio's ``ConflictDetector``: a couple of attribute reads and
+writes, no locks, no allocation, no stack inspection on the happy path.
+
+Modes (``SessionManager(guard=...)``):
+
+``"concurrent"`` (default)
+    Any task that can see the session may use it, one at a time. A second task
+    starting an operation while another task's is in flight raises
+    :class:`ConcurrentSessionError` before it touches the database.
+``"strict"``
+    Only the task that opened the scope may use the session.
+``"off"``
+    No task checks; the scope-closed check stays (it costs one attribute read).
+
+The functions take the session as ``self`` because they become methods of the
+session classes built in :mod:`tasksession._session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Iterable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from ._compat import current_task, get_running_loop_or_none
+from ._errors import ConcurrentSessionError, CrossThreadError, ScopeClosedError
+
+if TYPE_CHECKING:
+    from ._scope import Scope
+
+__all__ = ["GUARD_MODES", "enter_concurrent", "enter_off", "enter_strict", "leave"]
+
+GUARD_MODES = ("concurrent", "strict", "off")
+
+logger = logging.getLogger("tasksession")
+
+_current_task = current_task
+# Frames from these packages are plumbing; locations point at the user's code.
+_PLUMBING = ("/tasksession/", "/sqlalchemy/", "/asyncio/", "/anyio/", "/greenlet/")
+
+
+def _running_task(self: Any, operation: str) -> asyncio.Task[Any]:
+    try:
+        task = _current_task()
+    except RuntimeError:
+        # No running loop in this thread: called from a worker thread.
+        raise CrossThreadError(f"{operation}()") from None
+    if task is None:  # pragma: no cover - a loop callback, not a task
+        raise CrossThreadError(f"{operation}()")
+    return task
+
+
+def enter_off(self: Any, operation: str) -> None:
+    """Start ``operation`` with the guard off: only refuse a closed scope."""
+    if self._ts_scope.closed:
+        raise ScopeClosedError(self._ts_scope.name, operation)
+    self._ts_depth += 1
+
+
+def enter_concurrent(self: Any, operation: str) -> None:
+    """Start ``operation``; refuse it if another task is inside an operation."""
+    scope = self._ts_scope
+    if scope.closed:
+        raise ScopeClosedError(scope.name, operation)
+    task = _running_task(self, operation)
+    busy = self._ts_busy_task
+    if busy is None:
+        self._ts_busy_task = task
+        self._ts_busy_operation = operation
+    elif busy is not task:
+        raise conflict(self, task, operation, strict=False)
+    self._ts_depth += 1
+
+
+def enter_strict(self: Any, operation: str) -> None:
+    """Start ``operation``; refuse it unless the scope's owner task calls."""
+    scope = self._ts_scope
+    if scope.closed:
+        raise ScopeClosedError(scope.name, operation)
+    task = _running_task(self, operation)
+    if task is not scope.owner:
+        raise conflict(self, task, operation, strict=True)
+    self._ts_busy_task = task
+    self._ts_busy_operation = operation
+    self._ts_depth += 1
+
+
+def leave(self: Any) -> None:
+    """Finish the innermost operation; wake a teardown waiting for the session."""
+    depth = self._ts_depth - 1
+    self._ts_depth = depth
+    if depth == 0:
+        self._ts_busy_task = None
+        waiter = self._ts_idle_waiter
+        if waiter is not None:
+            self._ts_idle_waiter = None
+            waiter.set()
+
+
+def check_sync(self: Any, operation: str) -> None:
+    """Check a synchronous mutator (``add``, ``expire``, ...).
+
+    It does no I/O itself, so it only has to stay out of another task's
+    in-flight operation (and, under ``"strict"``, out of other tasks' hands).
+    """
+    scope = self._ts_scope
+    if scope.closed:
+        raise ScopeClosedError(scope.name, operation)
+    if get_running_loop_or_none() is None:
+        raise CrossThreadError(f"{operation}()")
+    mode = scope.guard_mode
+    if mode == "off":
+        return
+    busy = self._ts_busy_task
+    if busy is None and mode == "concurrent":
+        return
+    task = _running_task(self, operation)
+    if mode == "strict" and task is not scope.owner:
+        raise conflict(self, task, operation, strict=True)
+    if busy is not None and busy is not task:
+        raise conflict(self, task, operation, strict=False)
+
+
+# -- the error path: build the diagnosis -------------------------------------
+
+
+def _is_user_frame(filename: str) -> bool:
+    return not any(part in filename for part in _PLUMBING)
+
+
+def _describe(frames: Iterable[FrameType]) -> str:
+    last = None
+    for frame in frames:
+        last = frame
+        if _is_user_frame(frame.f_code.co_filename):
+            code = frame.f_code
+            return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+    if last is not None:
+        code = last.f_code
+        return f"{code.co_filename}:{last.f_lineno} in {code.co_name}"
+    return "<unknown location>"
+
+
+def _caller_frames() -> Iterable[FrameType]:
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def task_location(task: asyncio.Task[Any]) -> str:
+    """Where ``task`` is suspended, innermost user frame first."""
+    # get_stack() lists outermost first; the innermost user frame is the useful one.
+    return _describe(reversed(task.get_stack()))
+
+
+def conflict(
+    self: Any, task: asyncio.Task[Any], operation: str, *, strict: bool
+) -> ConcurrentSessionError:
+    """Build (and count, and log once) the error for a refused operation."""
+    scope: Scope = self._ts_scope
+    if strict:
+        holder = scope.owner
+        holder_operation = self._ts_busy_operation if self._ts_busy_task is holder else "-"
+    else:
+        holder = self._ts_busy_task
+        holder_operation = self._ts_busy_operation
+    if holder is None or holder.done():
+        holder_location = "<finished>"
+        holder_name = scope.owner_name if holder is None else holder.get_name()
+    else:
+        holder_location = task_location(holder)
+        holder_name = holder.get_name()
+    error = ConcurrentSessionError(
+        scope_name=scope.name,
+        holder_task=holder_name,
+        holder_operation=holder_operation,
+        holder_location=holder_location,
+        caller_task=task.get_name(),
+        caller_operation=operation,
+        caller_location=_describe(_caller_frames()),
+        strict=strict,
+    )
+    scope.manager._count_violation()
+    # Logged here, once per violation, so that gather(..., return_exceptions=True)
+    # cannot make it disappear.
+    logger.warning("%s", error)
+    return error

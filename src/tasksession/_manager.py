@@ -1,0 +1,320 @@
+"""``SessionManager``: the one object an application creates."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import warnings
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any, Literal
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from ._compat import get_running_loop_or_none
+from ._config import Binding, ManagerOptions, create_binding, split_options
+from ._errors import (
+    CrossThreadError,
+    NoScopeError,
+    NotConfiguredError,
+    PoolExhaustedError,
+    ScopeClosedError,
+)
+from ._scope import Scope
+from ._session import is_materialized
+from ._stats import ManagerStatistics, ScopeInfo
+
+__all__ = ["SessionManager"]
+
+_manager_ids = itertools.count(1)
+
+#: Seconds after a commit during which the same task's readonly scopes read
+#: from the primary, so they see their own writes (replicas may lag).
+REPLICA_LAG = 5.0
+
+
+class SessionManager:
+    """Give every unit of work one :class:`~sqlalchemy.ext.asyncio.AsyncSession`, keyed to its task.
+
+    Create it at import time (unbound) and :meth:`configure` it at start-up, or
+    pass the URL right away::
+
+        db = SessionManager()
+        db.configure("postgresql+asyncpg://app@localhost/app", pool_size=20)
+
+        async with db.scope() as session:
+            session.add(User(name="ada"))   # committed when the block ends cleanly
+
+    :param url: database URL with an asyncio driver (``postgresql+asyncpg://``,
+        ``sqlite+aiosqlite://``); ``None`` leaves the manager unbound.
+    :param options: see :meth:`configure`.
+    :raises UnsupportedDriverError: the URL names a synchronous driver.
+    """
+
+    def __init__(self, url: str | URL | None = None, **options: Any) -> None:
+        self._id = next(_manager_ids)
+        self._current: ContextVar[Scope | None] = ContextVar(f"tasksession.scope.{self._id}")
+        self._wrote_at: ContextVar[float] = ContextVar(f"tasksession.wrote_at.{self._id}")
+        self._binding: Binding | None = None
+        self._retired: list[Binding] = []
+        self._open_scopes: dict[Scope, None] = {}  # insertion-ordered set
+        self._replica_turn = itertools.count()
+        self._scopes_entered = 0
+        self._commits = 0
+        self._rollbacks = 0
+        self._violations = 0
+        self._teardown_failures = 0
+        self._label = "db"
+        if url is not None or "engine" in options:
+            self.configure(url, **options)
+        elif options:
+            raise TypeError(
+                f"options {sorted(options)} were given without a URL; pass them to configure()"
+            )
+
+    # -- configuration -------------------------------------------------------------
+
+    def configure(
+        self, url: str | URL | None = None, *, engine: AsyncEngine | None = None, **options: Any
+    ) -> None:
+        """Bind the manager to a database (again).
+
+        Creates no connection: the first scope that uses its session connects.
+
+        :param url: database URL with an asyncio driver.
+        :param engine: an existing :class:`~sqlalchemy.ext.asyncio.AsyncEngine` instead of
+            ``url``; the manager never disposes an engine it did not create.
+        :param guard: ``"concurrent"`` (default), ``"strict"`` or ``"off"``; see :doc:`/concurrency`.
+        :param expire_on_commit: passed to the sessions; ``False`` by default, so objects stay
+            readable after commit without implicit I/O.
+        :param session_class: an :class:`~sqlalchemy.ext.asyncio.AsyncSession` subclass to use.
+        :param replicas: URLs of read replicas; ``readonly=True`` scopes read from them, except
+            shortly after the same task committed (read-your-writes).
+        :param pgbouncer: configure asyncpg for PgBouncer's transaction pooling mode.
+        :param warn_after: log a warning when a scope stays open longer than this many seconds.
+        :param engine_kwargs: anything else goes to
+            :func:`~sqlalchemy.ext.asyncio.create_async_engine` (``pool_size=``, ``echo=``...).
+        :raises UnsupportedDriverError: the URL names a synchronous driver.
+
+        Reconfiguring while scopes are open is allowed: they keep their engine, new
+        scopes get the new one, and a :class:`RuntimeWarning` says so.
+        """
+        manager_options, engine_kwargs = split_options(options)
+        binding = create_binding(url, engine, manager_options, engine_kwargs)
+        previous = self._binding
+        if previous is not None:
+            still_open = sum(1 for scope in self._open_scopes if scope.binding is previous)
+            if still_open:
+                warnings.warn(
+                    f"{self._label}.configure() was called while {still_open} scope(s) are "
+                    "open: they keep using the previous engine until they end; new scopes "
+                    "use the new one.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._retired.append(previous)
+        self._binding = binding
+
+    @property
+    def configured(self) -> bool:
+        """Whether :meth:`configure` (or a URL at construction) bound the manager."""
+        return self._binding is not None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The primary :class:`~sqlalchemy.ext.asyncio.AsyncEngine`.
+
+        :raises NotConfiguredError: the manager is not configured.
+        """
+        return self._require_binding().engine
+
+    @property
+    def options(self) -> ManagerOptions:
+        """The manager's current settings."""
+        return self._require_binding().options
+
+    async def dispose(self) -> None:
+        """Dispose the engines the manager created (current and replaced ones).
+
+        Open scopes are not interrupted; call this at shutdown, after they ended.
+        An ``engine=`` passed in by the application is left to the application.
+        """
+        bindings = [*self._retired, *([self._binding] if self._binding else [])]
+        self._retired.clear()
+        for binding in bindings:
+            await binding.dispose()
+
+    async def __aenter__(self) -> SessionManager:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.dispose()
+
+    # -- scopes --------------------------------------------------------------------
+
+    def scope(
+        self,
+        *,
+        name: str | None = None,
+        readonly: bool = False,
+        savepoint: bool = False,
+        independent: bool = False,
+    ) -> Scope:
+        """Open a unit of work: ``async with db.scope() as session: ...``.
+
+        The block's session is committed when the block ends cleanly (if anything
+        happened), rolled back on an exception or cancellation, and closed either way.
+        Inside an open scope of the same task, a plain ``db.scope()`` joins it (its
+        exit commits nothing).
+
+        :param name: label for diagnostics (logs, :meth:`active_scopes`, errors).
+        :param readonly: never commit; read from a replica when configured. Writes
+            through the ORM raise :class:`ReadOnlyScopeError` (and on PostgreSQL the
+            transaction itself is ``READ ONLY``).
+        :param savepoint: inside an open scope, run the block in a SAVEPOINT: an exception
+            rolls back only the block's work. Without an open scope, a plain new scope.
+        :param independent: always start a new session and transaction, even inside an
+            open scope of the same task.
+        """
+        return Scope(self, name, readonly, savepoint, independent)
+
+    @property
+    def session(self) -> AsyncSession:
+        """The current scope's session (the object ``async with db.scope() as session`` gave).
+
+        Created on first use; no session and no connection exist before that.
+
+        :raises NoScopeError: no scope is open in this task or the task that started it.
+        :raises ScopeClosedError: the scope that started this task has already ended.
+        """
+        scope = self._current.get(None)
+        if scope is None:
+            raise NoScopeError(self._label)
+        if get_running_loop_or_none() is None:
+            raise CrossThreadError(f"{self._label}.session")
+        if scope.closed:
+            raise ScopeClosedError(scope.name, f"{self._label}.session")
+        return scope.session  # type: ignore[no-any-return]
+
+    # -- diagnostics -----------------------------------------------------------------
+
+    def active_scopes(self) -> list[ScopeInfo]:
+        """Describe the open scopes, oldest first."""
+        return [_scope_info(scope) for scope in self._open_scopes]
+
+    def statistics(self) -> ManagerStatistics:
+        """Counters and gauges: scopes, commits, rollbacks, guard violations, pool use."""
+        checked_out: int | None = None
+        size: int | None = None
+        if self._binding is not None:
+            pool: Any = self._binding.engine.sync_engine.pool
+            checked_out = _call_int(pool, "checkedout")
+            size = _call_int(pool, "size")
+        return ManagerStatistics(
+            open_scopes=len(self._open_scopes),
+            open_sessions=sum(1 for scope in self._open_scopes if is_materialized(scope.session)),
+            scopes_entered=self._scopes_entered,
+            commits=self._commits,
+            rollbacks=self._rollbacks,
+            concurrent_violations=self._violations,
+            teardown_failures=self._teardown_failures,
+            pool_checked_out=checked_out,
+            pool_size=size,
+        )
+
+    def __repr__(self) -> str:
+        if self._binding is None:
+            return "<SessionManager (not configured)>"
+        url = self._binding.engine.url.render_as_string(hide_password=True)
+        return f"<SessionManager {url} open_scopes={len(self._open_scopes)}>"
+
+    # -- internals used by scopes and sessions -------------------------------------
+
+    def _require_binding(self) -> Binding:
+        binding = self._binding
+        if binding is None:
+            raise NotConfiguredError(self._label)
+        return binding
+
+    def _engine_for(self, binding: Binding, readonly: bool) -> AsyncEngine:
+        if not readonly:
+            return binding.engine
+        replicas = binding.replica_readonly_engines
+        if replicas and time.monotonic() - self._wrote_at.get(-REPLICA_LAG) >= REPLICA_LAG:
+            return replicas[next(self._replica_turn) % len(replicas)]
+        return binding.readonly_engine
+
+    def _opened(self, scope: Scope) -> None:
+        self._open_scopes[scope] = None
+        self._scopes_entered += 1
+
+    def _closed(self, scope: Scope) -> None:
+        self._open_scopes.pop(scope, None)
+
+    def _count_end(self, scope: Scope, outcome: Literal["commit", "rollback"] | None) -> None:
+        if outcome == "commit":
+            self._commits += 1
+        elif outcome == "rollback":
+            self._rollbacks += 1
+        options = scope.binding.options if scope.binding is not None else None
+        if options is not None and options.warn_after is not None:
+            age = scope.age
+            if age > options.warn_after:
+                logging.getLogger("tasksession").warning(
+                    "scope %r (task %r, opened at %s) was open for %.1fs (warn_after=%s): "
+                    "it held a session%s that long",
+                    scope.name,
+                    scope.owner_name,
+                    scope.opened_at,
+                    age,
+                    options.warn_after,
+                    " and a connection" if outcome is not None else "",
+                )
+
+    def _note_write(self) -> None:
+        # Deliberately never reset: it marks this task (and tasks it starts
+        # later) as having written, for REPLICA_LAG seconds.
+        self._wrote_at.set(time.monotonic())
+
+    def _count_violation(self) -> None:
+        self._violations += 1
+
+    def _count_teardown_failure(self) -> None:
+        self._teardown_failures += 1
+
+    def _pool_exhausted(self, error: sa_exc.TimeoutError) -> PoolExhaustedError:
+        binding = self._binding
+        status = binding.engine.sync_engine.pool.status() if binding is not None else "no pool"
+        holders = [_scope_info(scope) for scope in self._open_scopes if scope.holds_connection]
+        holders.sort(key=lambda info: -info.age)
+        return PoolExhaustedError(status, holders)
+
+
+def _call_int(pool: Any, method: str) -> int | None:
+    function = getattr(pool, method, None)
+    if function is None:
+        return None
+    try:
+        return int(function())
+    except (TypeError, ValueError):  # pragma: no cover - exotic pools
+        return None
+
+
+def _scope_info(scope: Scope) -> ScopeInfo:
+    return ScopeInfo(
+        name=scope.name,
+        task_name=scope.owner_name,
+        age=scope.age,
+        opened_at=scope.opened_at,
+        has_session=is_materialized(scope.session),
+        holds_connection=scope.holds_connection,
+        readonly=scope.readonly,
+    )

@@ -1,0 +1,346 @@
+"""Scopes: one unit of work, owned by the task that entered it.
+
+``async with db.scope() as session`` enters a :class:`Scope`. What the scope
+does depends on what is already open in the same task:
+
+* nothing (or only a scope inherited from a parent task), or ``independent=True``:
+  an **own** scope with a new session (built lazily, see :mod:`._session`);
+* an open scope of this task: a **joined** scope that shares it and whose exit
+  does nothing (the outermost scope commits);
+* an open scope of this task and ``savepoint=True``: a **savepoint** scope that
+  runs the block in a SAVEPOINT of the open scope's transaction.
+
+An own scope's exit commits when the block ended cleanly and anything
+happened, and rolls back on an exception, on cancellation (never a commit) and
+always when readonly; then it closes the session. The part that does I/O runs
+shielded from cancellation, in a task of its own so that even a native
+``Task.cancel()`` cannot stop it half-way; a failure there is logged and added
+as a note to the original exception, never raised in its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import warnings
+from types import CodeType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._compat import current_task
+from ._errors import CrossThreadError, ReadOnlyScopeError, UnsupportedBackendError
+from ._session import is_materialized, new_session
+
+if TYPE_CHECKING:
+    from ._config import Binding
+    from ._manager import SessionManager
+
+__all__ = ["Scope", "running_task"]
+
+logger = logging.getLogger("tasksession")
+
+_OWN, _JOINED, _SAVEPOINT = 0, 1, 2
+_monotonic = time.monotonic
+_current_task = current_task
+_getframe = sys._getframe
+
+
+def running_task(what: str) -> asyncio.Task[Any]:
+    """The current asyncio task, or the error that explains why there is none."""
+    try:
+        task = _current_task()
+    except RuntimeError:
+        trio = sys.modules.get("trio")
+        if trio is not None:
+            try:
+                trio.lowlevel.current_task()
+            except RuntimeError:
+                pass
+            else:
+                raise UnsupportedBackendError("trio") from None
+        raise CrossThreadError(what) from None
+    if task is None:  # pragma: no cover - a loop callback, not a task
+        raise CrossThreadError(what)
+    return task
+
+
+class Scope:
+    """One unit of work. Created by :meth:`SessionManager.scope`; use it with ``async with``."""
+
+    # No __slots__: class attributes are the defaults, so creating a scope
+    # sets only what the call passed (this is on every request's path).
+    closed = False
+    session: Any = None
+    owner: asyncio.Task[Any] | None = None
+    binding: Binding | None = None
+    engine: Any = None
+    guard_mode = "concurrent"
+    _kind = _OWN
+    _code: CodeType | None = None
+    _lineno = 0
+    _outer: Scope | None = None
+    _token: Any = None
+    _opened = 0.0
+    _nested: Any = None
+
+    def __init__(
+        self,
+        manager: SessionManager,
+        name: str | None,
+        readonly: bool,
+        savepoint: bool,
+        independent: bool,
+    ) -> None:
+        self.manager = manager
+        self._label = name
+        self.readonly = readonly
+        self._savepoint = savepoint
+        self._independent = independent
+
+    # -- diagnostics (computed only when asked) --------------------------------
+
+    @property
+    def opened_at(self) -> str:
+        """``file:line in function`` of the ``async with db.scope()`` statement."""
+        code = self._code
+        if code is None:
+            return "<not entered>"
+        return f"{code.co_filename}:{self._lineno} in {code.co_name}"
+
+    @property
+    def name(self) -> str:
+        """The scope's label: ``name=`` if given, else the function and line that opened it."""
+        if self._label is not None:
+            return self._label
+        code = self._code
+        if code is None:
+            return "<not entered>"
+        return f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{self._lineno})"
+
+    @property
+    def owner_name(self) -> str:
+        owner = self.owner
+        return owner.get_name() if owner is not None else "<not entered>"
+
+    @property
+    def age(self) -> float:
+        """Seconds since the scope was entered."""
+        return _monotonic() - self._opened
+
+    @property
+    def holds_connection(self) -> bool:
+        """Whether the scope's session currently holds a pooled connection."""
+        session = self.session
+        if session is None or not is_materialized(session):
+            return False
+        transaction = session.sync_session.get_transaction()
+        while transaction is not None and transaction.parent is not None:
+            transaction = transaction.parent
+        # SessionTransaction.connections is public only from SQLAlchemy 2.1.7.
+        return transaction is not None and bool(getattr(transaction, "_connections", ()))
+
+    # -- entering ---------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncSession:
+        if self.owner is not None:
+            raise RuntimeError("a scope object can be entered only once; call db.scope() again")
+        try:
+            task = _current_task()
+        except RuntimeError:
+            task = running_task("db.scope()")  # raises the explanatory error
+        caller = _getframe(1)  # the frame running `async with`: where the scope opens
+        self._code = caller.f_code
+        self._lineno = caller.f_lineno
+        manager = self.manager
+        binding = manager._binding
+        if binding is None:
+            binding = manager._require_binding()
+        var = manager._current
+        current = var.get(None)
+        if (
+            current is not None
+            and current.owner is task
+            and not current.closed
+            and not self._independent
+        ):
+            return await self._enter_inside(current, task)  # type: ignore[arg-type]
+        self.owner = task
+        self.binding = binding
+        self.guard_mode = binding.options.guard
+        self.engine = (
+            manager._engine_for(binding, self.readonly) if self.readonly else binding.engine
+        )
+        session = self.session = new_session(binding.session_class, self)
+        self._opened = _monotonic()
+        self._token = var.set(self)
+        manager._opened(self)
+        return session
+
+    async def _enter_inside(self, current: Scope, task: asyncio.Task[Any]) -> AsyncSession:
+        # The open scope of this task: join it, or open a savepoint in it.
+        if current.readonly and not self.readonly:
+            raise ReadOnlyScopeError(
+                current.name, "opening a writable scope inside it (use independent=True)"
+            )
+        self.owner = task
+        self._outer = current
+        self.binding = current.binding
+        self.engine = current.engine
+        self.session = current.session
+        self.guard_mode = current.guard_mode
+        self._opened = _monotonic()
+        if self._savepoint:
+            self._kind = _SAVEPOINT
+            self._nested = await current.session.begin_nested()
+        else:
+            self._kind = _JOINED
+        return current.session  # type: ignore[no-any-return]
+
+    # -- exiting ------------------------------------------------------------------
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        kind = self._kind
+        if kind == _JOINED:
+            self.closed = True
+            return
+        if kind == _SAVEPOINT:
+            self.closed = True
+            await self._end_savepoint(exc_type is None, exc)
+            return
+        self.closed = True
+        manager = self.manager
+        try:
+            manager._current.reset(self._token)
+        except ValueError:
+            # Exited in another context than it was entered in (a manual
+            # __aexit__ from another task): unset it there instead.
+            manager._current.set(None)
+        finally:
+            self._token = None
+            manager._closed(self)
+        session = self.session
+        if not is_materialized(session):
+            return
+        commit = exc_type is None and not self.readonly
+        sync = session.sync_session
+        if (
+            session._ts_depth == 0
+            and not sync.in_transaction()
+            and not (commit and (sync.new or sync.deleted or sync.dirty))
+        ):
+            # No transaction and nothing to flush: closing does no I/O.
+            sync.close()
+            manager._count_end(self, None)
+            return
+        await self._run_teardown(session, commit, exc)
+        if commit and self.binding is not None and self.binding.replica_engines:
+            manager._note_write()
+
+    async def _run_teardown(self, session: Any, commit: bool, exc: BaseException | None) -> None:
+        cancelled: BaseException | None = None
+        with anyio.CancelScope(shield=True):
+            task = asyncio.get_running_loop().create_task(self._teardown(session, commit, exc))
+            while True:
+                try:
+                    await asyncio.shield(task)
+                    break
+                except asyncio.CancelledError as error:
+                    # A native Task.cancel() cuts through anyio's shield; the
+                    # teardown task goes on, and we wait for it before re-raising.
+                    if task.done():
+                        raise
+                    cancelled = error
+        if cancelled is not None:
+            raise cancelled
+
+    async def _teardown(self, session: Any, commit: bool, exc: BaseException | None) -> None:
+        manager = self.manager
+        if session._ts_depth:
+            # Another task is inside an operation on this session (the scope is
+            # already closed to new ones): let it finish before closing under it.
+            waiter = anyio.Event()
+            session._ts_idle_waiter = waiter
+            await waiter.wait()
+        if commit:
+            try:
+                await AsyncSession.commit(session)
+            except BaseException as error:
+                manager._count_end(self, "rollback")
+                await self._close_quietly(session, error)
+                raise
+            manager._count_end(self, "commit")
+        else:
+            manager._count_end(self, "rollback")
+        if exc is not None:
+            await self._close_quietly(session, exc)
+        elif session.sync_session.in_transaction():
+            await AsyncSession.close(session)
+        else:
+            # Committed: the connection is back in the pool; closing does no I/O.
+            session.sync_session.close()
+
+    async def _close_quietly(self, session: Any, original: BaseException) -> None:
+        """Roll back and close; on failure log it and note it on ``original``."""
+        try:
+            await AsyncSession.close(session)
+        except BaseException as failure:
+            self.manager._count_teardown_failure()
+            logger.error(
+                "tasksession: closing the session of scope %r failed while handling %r",
+                self.name,
+                original,
+                exc_info=failure,
+            )
+            original.add_note(
+                f"tasksession: while this was being handled, closing the session of scope "
+                f"{self.name!r} also failed: {failure!r}; its connection was invalidated"
+            )
+            try:
+                await AsyncSession.invalidate(session)
+            except BaseException:
+                logger.debug("tasksession: invalidate after a failed close failed", exc_info=True)
+
+    async def _end_savepoint(self, clean: bool, exc: BaseException | None) -> None:
+        nested = self._nested
+        self._nested = None
+        with anyio.CancelScope(shield=True):
+            if clean:
+                await nested.commit()
+                return
+            try:
+                if nested.is_active:
+                    await nested.rollback()
+            except BaseException as failure:
+                logger.error(
+                    "tasksession: rolling back savepoint of scope %r failed",
+                    self.name,
+                    exc_info=failure,
+                )
+                if exc is not None:
+                    exc.add_note(
+                        f"tasksession: rolling back the savepoint also failed: {failure!r}"
+                    )
+
+    def __del__(self) -> None:
+        if not self.closed and self._kind == _OWN:
+            session = self.session
+            if session is not None and is_materialized(session):
+                warnings.warn(
+                    f"scope {self.name!r} was garbage-collected without being exited; "
+                    "its session and connection were not closed. Use `async with db.scope():`.",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Scope {self.name!r} {state} task={self.owner_name!r}>"

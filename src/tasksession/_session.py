@@ -1,0 +1,298 @@
+"""The session classes scopes hand out: lazily built, guarded ``AsyncSession`` subclasses.
+
+For each user ``session_class`` (default :class:`~sqlalchemy.ext.asyncio.AsyncSession`)
+and guard mode, :func:`session_class_for` builds one subclass, once, that
+
+* **defers construction**: ``async with db.scope() as session`` hands out the
+  session object at once, but SQLAlchemy's ``__init__`` (which builds the sync
+  :class:`~sqlalchemy.orm.Session`) runs only when the object is first really
+  used, through ``__getattr__``. A scope whose session is never touched costs
+  no session at all;
+* **guards** every operation that can touch the database or the session's
+  state (see :data:`GUARDED_COROUTINES`, :data:`GUARDED_SYNC`), refusing it
+  once the scope has ended and, per guard mode, while another task is using it;
+* turns a pool checkout timeout into :class:`PoolExhaustedError`, which names
+  the scopes holding the connections.
+
+Being a subclass of the user's class, the object passes ``isinstance`` checks
+and keeps every method the user added.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+from sqlalchemy.orm import Session
+
+from . import _guard
+from ._errors import PoolExhaustedError, ReadOnlyScopeError
+
+if TYPE_CHECKING:
+    from ._scope import Scope
+
+__all__ = [
+    "GUARDED_COROUTINES",
+    "GUARDED_SYNC",
+    "UNGUARDED",
+    "is_materialized",
+    "new_session",
+    "session_class_for",
+]
+
+#: Coroutine methods that may do I/O or change transaction state.
+GUARDED_COROUTINES = (
+    "execute",
+    "scalar",
+    "scalars",
+    "get",
+    "get_one",
+    "stream",
+    "stream_scalars",
+    "flush",
+    "commit",
+    "rollback",
+    "close",
+    "aclose",
+    "reset",
+    "invalidate",
+    "refresh",
+    "merge",
+    "merge_all",
+    "delete",
+    "delete_all",
+    "run_sync",
+    "connection",
+)
+
+#: Synchronous methods that change session state (guarded against another
+#: task's in-flight operation; ``begin``/``begin_nested`` also guard the
+#: transaction object they return).
+GUARDED_SYNC = (
+    "add",
+    "add_all",
+    "expunge",
+    "expunge_all",
+    "expire",
+    "expire_all",
+    "begin",
+    "begin_nested",
+)
+
+#: Public ``AsyncSession`` members that are safe without the guard: they only
+#: read state, or configure binds before use. The test suite fails when
+#: SQLAlchemy grows a public member that is in none of these three lists.
+UNGUARDED = frozenset(
+    {
+        "bind",
+        "binds",
+        "bind_mapper",
+        "bind_table",
+        "close_all",
+        "dirty",
+        "deleted",
+        "new",
+        "identity_map",
+        "identity_key",
+        "in_transaction",
+        "in_nested_transaction",
+        "is_active",
+        "is_modified",
+        "autoflush",
+        "no_autoflush",
+        "info",
+        "execution_options",
+        "get_bind",
+        "get_async_bind",
+        "get_transaction",
+        "get_nested_transaction",
+        "object_session",
+        "sync_session",
+        "sync_session_class",
+        "dispatch",
+    }
+)
+
+_CLASS_CACHE: dict[tuple[type[AsyncSession], str], type[AsyncSession]] = {}
+
+_ENTER = {
+    "concurrent": _guard.enter_concurrent,
+    "strict": _guard.enter_strict,
+    "off": _guard.enter_off,
+}
+
+
+def is_materialized(session: AsyncSession) -> bool:
+    """Whether SQLAlchemy's ``__init__`` has run on ``session`` (it was used)."""
+    return "sync_session" in session.__dict__
+
+
+def _pool_exhausted(session: Any, error: sa_exc.TimeoutError) -> BaseException:
+    if isinstance(error, PoolExhaustedError):
+        return error
+    exhausted: PoolExhaustedError = session._ts_scope.manager._pool_exhausted(error)
+    return exhausted
+
+
+def _guard_coroutine(
+    name: str, method: Callable[..., Coroutine[Any, Any, Any]]
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    @functools.wraps(method)
+    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._ts_enter(name)
+        try:
+            return await method(self, *args, **kwargs)
+        except sa_exc.TimeoutError as error:
+            raise _pool_exhausted(self, error) from error
+        finally:
+            _guard.leave(self)
+
+    return guarded
+
+
+def _guard_sync(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _guard.check_sync(self, name)
+        return method(self, *args, **kwargs)
+
+    return guarded
+
+
+class GuardedTransaction(AsyncSessionTransaction):
+    """The object ``session.begin()`` / ``begin_nested()`` return: guarded like the session."""
+
+    __slots__ = ()
+
+    async def start(self, is_ctxmanager: bool = False) -> AsyncSessionTransaction:
+        session: Any = self.session
+        session._ts_enter("begin_nested" if self.nested else "begin")
+        try:
+            return await super().start(is_ctxmanager)
+        except sa_exc.TimeoutError as error:
+            raise _pool_exhausted(session, error) from error
+        finally:
+            _guard.leave(session)
+
+    async def commit(self) -> None:
+        session: Any = self.session
+        session._ts_enter("commit")
+        try:
+            await super().commit()
+        finally:
+            _guard.leave(session)
+
+    async def rollback(self) -> None:
+        session: Any = self.session
+        session._ts_enter("rollback")
+        try:
+            await super().rollback()
+        finally:
+            _guard.leave(session)
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        session: Any = self.session
+        session._ts_enter("commit" if type_ is None else "rollback")
+        try:
+            await super().__aexit__(type_, value, traceback)
+        finally:
+            _guard.leave(session)
+
+
+def _begin(self: Any) -> AsyncSessionTransaction:
+    _guard.check_sync(self, "begin")
+    return GuardedTransaction(self)
+
+
+def _begin_nested(self: Any) -> AsyncSessionTransaction:
+    _guard.check_sync(self, "begin_nested")
+    return GuardedTransaction(self, nested=True)
+
+
+def new_session(cls: type[AsyncSession], scope: Scope) -> AsyncSession:
+    """Create the (not yet built) session of ``scope``: no SQLAlchemy work happens here."""
+    session: Any = _new(cls)
+    session._ts_scope = scope
+    return session  # type: ignore[no-any-return]
+
+
+_new = object.__new__
+
+
+def _make_getattr(base: type[AsyncSession]) -> Callable[[Any, str], Any]:
+    base_init = base.__init__
+
+    def __getattr__(self: Any, name: str) -> Any:
+        # Reached only for attributes not found normally: before SQLAlchemy's
+        # __init__ ran, that is every instance attribute it would set.
+        state = self.__dict__
+        if name.startswith("_ts_") or "sync_session" in state or "_ts_building" in state:
+            raise AttributeError(name)
+        state["_ts_building"] = True
+        scope = self._ts_scope
+        try:
+            base_init(self, bind=scope.engine, **scope.binding.session_kwargs)
+        finally:
+            del state["_ts_building"]
+        # Lets sync-level event handlers find the scope without a lookup.
+        self.sync_session._ts_scope = scope
+        return getattr(self, name)
+
+    return __getattr__
+
+
+def _refuse_readonly_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    scope = getattr(session, "_ts_scope", None)
+    if scope is not None and scope.readonly:
+        kinds = sorted(
+            {type(obj).__name__ for obj in (*session.new, *session.dirty, *session.deleted)}
+        )
+        raise ReadOnlyScopeError(
+            scope.name,
+            f"flushing {len(session.new)} new, {len(session.dirty)} changed and "
+            f"{len(session.deleted)} deleted object(s) ({', '.join(kinds)})",
+        )
+
+
+def _sync_session_class(base: type[Session]) -> type[Session]:
+    cls = type(base.__name__, (base,), {"__module__": base.__module__})
+    event.listen(cls, "before_flush", _refuse_readonly_flush)
+    return cls
+
+
+def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSession]:
+    """Return the lazily built, guarded subclass of ``base`` for ``guard_mode``."""
+    key = (base, guard_mode)
+    cls = _CLASS_CACHE.get(key)
+    if cls is not None:
+        return cls
+    namespace: dict[str, Any] = {
+        # Guard state lives on the class until an operation first changes it.
+        "_ts_busy_task": None,
+        "_ts_busy_operation": "",
+        "_ts_depth": 0,
+        "_ts_idle_waiter": None,
+        "__getattr__": _make_getattr(base),
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+        "_ts_enter": _ENTER[guard_mode],
+        "begin": _begin,
+        "begin_nested": _begin_nested,
+        "sync_session_class": _sync_session_class(base.sync_session_class),
+    }
+    for name in GUARDED_COROUTINES:
+        method = getattr(base, name, None)
+        if method is not None:
+            namespace[name] = _guard_coroutine(name, method)
+    for name in GUARDED_SYNC:
+        method = getattr(base, name, None)
+        if method is not None and name not in namespace:
+            namespace[name] = _guard_sync(name, method)
+    cls = type(base.__name__, (base,), namespace)
+    _CLASS_CACHE[key] = cls
+    return cls

@@ -1,0 +1,111 @@
+"""Test bed: real databases (PostgreSQL through asyncpg, SQLite through aiosqlite).
+
+Fixtures:
+
+``database_url``
+    parametrized over ``sqlite`` (a file in the test's tmp dir) and ``postgres``.
+``db``
+    a configured :class:`SessionManager` on ``database_url`` with the test tables
+    created; after the test it asserts that no connection is left checked out.
+``pg_db``
+    the same on PostgreSQL only.
+``postgres_server``
+    the :class:`PostgresServer` (see ``postgres_server.py`` for how it is found).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tasksession import SessionManager
+
+from .models import Base
+from .postgres_server import ENV_REQUIRE, PostgresServer, find_server
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server, how = find_server()
+    if server is None:
+        if os.environ.get(ENV_REQUIRE) == "1":
+            pytest.fail(f"{ENV_REQUIRE}=1 but {how}", pytrace=False)
+        pytest.skip(how)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/test.db"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+async def reset_tables(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+
+
+def checked_out(manager: SessionManager) -> int:
+    """Connections currently checked out of the manager's primary pool."""
+    stats = manager.statistics()
+    assert stats.pool_checked_out is not None
+    return stats.pool_checked_out
+
+
+async def _managed(url: str, **options: Any) -> AsyncIterator[SessionManager]:
+    manager = SessionManager(url, **options)
+    try:
+        await reset_tables(manager.engine)
+        yield manager
+        assert checked_out(manager) == 0, manager.engine.sync_engine.pool.status()
+        assert manager.active_scopes() == []
+    finally:
+        await manager.dispose()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[SessionManager]:
+    async for manager in _managed(database_url):
+        yield manager
+
+
+@pytest.fixture
+async def pg_db(postgres_url: str) -> AsyncIterator[SessionManager]:
+    async for manager in _managed(postgres_url):
+        yield manager
+
+
+@pytest.fixture
+async def make_manager(database_url: str) -> AsyncIterator[Any]:
+    """Build extra managers on ``database_url`` with options; disposed after the test."""
+    created: list[SessionManager] = []
+
+    def make(url: str | None = None, **options: Any) -> SessionManager:
+        manager = SessionManager(url or database_url, **options)
+        created.append(manager)
+        return manager
+
+    try:
+        yield make
+    finally:
+        for manager in created:
+            await manager.dispose()
