@@ -168,25 +168,18 @@ def start_cluster() -> PostgresServer:
 
 
 def _create_database(server: PostgresServer) -> None:
-    import asyncio
-
-    import asyncpg
-
-    async def create() -> None:
-        admin = make_url(server.admin_url())
-        conn = await asyncpg.connect(
-            host=admin.host, port=admin.port, user=admin.username, database=admin.database
-        )
-        try:
-            exists = await conn.fetchval(
-                "SELECT 1 FROM pg_database WHERE datname = $1", TEST_DATABASE
-            )
-            if not exists:
-                await conn.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
+    # The createdb binary, not a driver: this may run inside or outside an event loop.
+    createdb = _find_binary("createdb")
+    if createdb is None:
+        raise FileNotFoundError("createdb not found next to initdb")
+    url = make_url(server.url)
+    subprocess.run(
+        [createdb, "-h", str(url.host), "-p", str(url.port), "-U", "postgres", TEST_DATABASE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
 
 
 def find_server() -> tuple[PostgresServer | None, str]:

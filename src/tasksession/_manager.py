@@ -252,13 +252,6 @@ class SessionManager:
             return replicas[next(self._replica_turn) % len(replicas)]
         return binding.readonly_engine
 
-    def _opened(self, scope: Scope) -> None:
-        self._open_scopes[scope] = None
-        self._scopes_entered += 1
-
-    def _closed(self, scope: Scope) -> None:
-        self._open_scopes.pop(scope, None)
-
     def _count_end(self, scope: Scope, outcome: Literal["commit", "rollback"] | None) -> None:
         if outcome == "commit":
             self._commits += 1

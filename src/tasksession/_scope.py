@@ -29,11 +29,11 @@ from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._compat import current_task
 from ._errors import CrossThreadError, ReadOnlyScopeError, UnsupportedBackendError
-from ._session import is_materialized, new_session
+from ._session import is_materialized
 
 if TYPE_CHECKING:
     from ._config import Binding
@@ -47,6 +47,7 @@ _OWN, _JOINED, _SAVEPOINT = 0, 1, 2
 _monotonic = time.monotonic
 _current_task = current_task
 _getframe = sys._getframe
+_new = object.__new__
 
 
 def running_task(what: str) -> asyncio.Task[Any]:
@@ -77,8 +78,6 @@ class Scope:
     session: Any = None
     owner: asyncio.Task[Any] | None = None
     binding: Binding | None = None
-    engine: Any = None
-    guard_mode = "concurrent"
     _kind = _OWN
     _code: CodeType | None = None
     _lineno = 0
@@ -120,6 +119,24 @@ class Scope:
         if code is None:
             return "<not entered>"
         return f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{self._lineno})"
+
+    @property
+    def guard_mode(self) -> str:
+        """The guard mode of the configuration the scope was opened with."""
+        binding = self.binding
+        return binding.options.guard if binding is not None else "concurrent"
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine the scope's session uses (a read-only view, maybe a replica, if readonly)."""
+        binding = self.binding
+        if binding is None:
+            raise RuntimeError("the scope has not been entered")
+        if self._outer is not None:
+            return self._outer.engine
+        if self.readonly:
+            return self.manager._engine_for(binding, readonly=True)
+        return binding.engine
 
     @property
     def owner_name(self) -> str:
@@ -170,15 +187,15 @@ class Scope:
             return await self._enter_inside(current, task)  # type: ignore[arg-type]
         self.owner = task
         self.binding = binding
-        self.guard_mode = binding.options.guard
-        self.engine = (
-            manager._engine_for(binding, self.readonly) if self.readonly else binding.engine
-        )
-        session = self.session = new_session(binding.session_class, self)
+        # The session object now, SQLAlchemy's work on first use (see _session).
+        session: Any = _new(binding.session_class)
+        session._ts_scope = self
+        self.session = session
         self._opened = _monotonic()
         self._token = var.set(self)
-        manager._opened(self)
-        return session
+        manager._open_scopes[self] = None
+        manager._scopes_entered += 1
+        return session  # type: ignore[no-any-return]
 
     async def _enter_inside(self, current: Scope, task: asyncio.Task[Any]) -> AsyncSession:
         # The open scope of this task: join it, or open a savepoint in it.
@@ -189,9 +206,7 @@ class Scope:
         self.owner = task
         self._outer = current
         self.binding = current.binding
-        self.engine = current.engine
         self.session = current.session
-        self.guard_mode = current.guard_mode
         self._opened = _monotonic()
         if self._savepoint:
             self._kind = _SAVEPOINT
@@ -225,10 +240,9 @@ class Scope:
             # __aexit__ from another task): unset it there instead.
             manager._current.set(None)
         finally:
-            self._token = None
-            manager._closed(self)
+            manager._open_scopes.pop(self, None)
         session = self.session
-        if not is_materialized(session):
+        if "sync_session" not in session.__dict__:  # never used: nothing to close
             return
         commit = exc_type is None and not self.readonly
         sync = session.sync_session
@@ -317,7 +331,10 @@ class Scope:
                 await nested.commit()
                 return
             try:
-                if nested.is_active:
+                # A failed flush leaves the savepoint deactivated, not closed:
+                # it still needs its ROLLBACK TO SAVEPOINT (is_active is False
+                # then). Same test as SQLAlchemy's own `with begin_nested()`.
+                if nested.sync_transaction._rollback_can_be_called():
                     await nested.rollback()
             except BaseException as failure:
                 logger.error(

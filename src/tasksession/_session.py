@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -32,15 +32,11 @@ from sqlalchemy.orm import Session
 from . import _guard
 from ._errors import PoolExhaustedError, ReadOnlyScopeError
 
-if TYPE_CHECKING:
-    from ._scope import Scope
-
 __all__ = [
     "GUARDED_COROUTINES",
     "GUARDED_SYNC",
     "UNGUARDED",
     "is_materialized",
-    "new_session",
     "session_class_for",
 ]
 
@@ -203,6 +199,22 @@ class GuardedTransaction(AsyncSessionTransaction):
             _guard.leave(session)
 
 
+def _get_transaction(self: Any) -> AsyncSessionTransaction | None:
+    # SQLAlchemy's version hands out a plain AsyncSessionTransaction for an
+    # autobegun transaction, whose commit()/rollback() would bypass the guard.
+    transaction = self.sync_session.get_transaction()
+    if transaction is None:
+        return None
+    return GuardedTransaction._retrieve_proxy_for_target(transaction, async_session=self)
+
+
+def _get_nested_transaction(self: Any) -> AsyncSessionTransaction | None:
+    transaction = self.sync_session.get_nested_transaction()
+    if transaction is None:
+        return None
+    return GuardedTransaction._retrieve_proxy_for_target(transaction, async_session=self)
+
+
 def _begin(self: Any) -> AsyncSessionTransaction:
     _guard.check_sync(self, "begin")
     return GuardedTransaction(self)
@@ -211,16 +223,6 @@ def _begin(self: Any) -> AsyncSessionTransaction:
 def _begin_nested(self: Any) -> AsyncSessionTransaction:
     _guard.check_sync(self, "begin_nested")
     return GuardedTransaction(self, nested=True)
-
-
-def new_session(cls: type[AsyncSession], scope: Scope) -> AsyncSession:
-    """Create the (not yet built) session of ``scope``: no SQLAlchemy work happens here."""
-    session: Any = _new(cls)
-    session._ts_scope = scope
-    return session  # type: ignore[no-any-return]
-
-
-_new = object.__new__
 
 
 def _make_getattr(base: type[AsyncSession]) -> Callable[[Any, str], Any]:
@@ -283,6 +285,8 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         "_ts_enter": _ENTER[guard_mode],
         "begin": _begin,
         "begin_nested": _begin_nested,
+        "get_transaction": _get_transaction,
+        "get_nested_transaction": _get_nested_transaction,
         "sync_session_class": _sync_session_class(base.sync_session_class),
     }
     for name in GUARDED_COROUTINES:

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks [names] [--quick]`` from the repository root."""

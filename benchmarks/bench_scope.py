@@ -1,0 +1,111 @@
+"""Scope overhead (issue 2 targets), on PostgreSQL through asyncpg.
+
+1. ``async with db.scope(): pass`` — the session is never touched: ≤ 2 µs.
+2. a scope that creates and closes its session without I/O vs
+   ``async with AsyncSession(engine): pass``: cost ratio ≤ 0.7.
+3. one primary-key ``get`` inside a scope vs the hand-written
+   ``async with AsyncSession(engine) as s: await s.get(...)``: ≤ 1.03
+   (reported as the CPU µs/op ratio and the ops/s ratio; the target is on CPU,
+   which is what the manager adds, as perf-anchors.md recommends).
+"""
+
+from __future__ import annotations
+
+import random
+
+from sqlalchemy import Integer, String, insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from tasksession import SessionManager
+
+from ._db import postgres_url
+from ._harness import Args, Target, Variant, micro, throughput
+
+ROWS = 10_000
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "bench_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+async def setup(db: SessionManager) -> None:
+    async with db.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.execute(insert(Item), [{"id": i, "name": f"item {i}"} for i in range(ROWS)])
+
+
+async def main(args: Args) -> None:
+    with postgres_url() as url:
+        async with SessionManager(url, pool_size=10) as db:
+            await setup(db)
+            engine = db.engine
+
+            async def bare_await() -> None:
+                return None
+
+            async def untouched_scope() -> None:
+                async with db.scope():
+                    pass
+
+            table = await micro(
+                [Variant("await empty coroutine", bare_await), Variant("db.scope(), untouched", untouched_scope)],
+                reference="await empty coroutine",
+                number=5_000 if args.quick else 20_000,
+                repeats=args.rounds,
+            )
+            table.print(
+                "1. scope enter+exit, session never touched",
+                targets={"db.scope(), untouched": Target("us", "<=", 2.0)},
+            )
+
+            async def hand_written_no_io() -> None:
+                async with AsyncSession(engine):
+                    pass
+
+            async def scope_session_no_io() -> None:
+                async with db.scope() as session:
+                    session.sync_session  # builds the session, no I/O  # noqa: B018
+
+            table = await micro(
+                [
+                    Variant("async with AsyncSession(engine)", hand_written_no_io),
+                    Variant("db.scope() + session, no I/O", scope_session_no_io),
+                ],
+                reference="async with AsyncSession(engine)",
+                number=1_000 if args.quick else 5_000,
+                repeats=args.rounds,
+            )
+            table.print(
+                "2. session created and closed without I/O",
+                targets={"db.scope() + session, no I/O": Target("ratio", "<=", 0.7)},
+            )
+
+            rng = random.Random(42)
+
+            async def hand_written_get() -> None:
+                async with AsyncSession(engine) as session:
+                    await session.get(Item, rng.randrange(ROWS))
+
+            async def scope_get() -> None:
+                async with db.scope() as session:
+                    await session.get(Item, rng.randrange(ROWS))
+
+            table = await throughput(
+                [Variant("hand-written AsyncSession get", hand_written_get), Variant("db.scope() get", scope_get)],
+                reference="hand-written AsyncSession get",
+                rounds=args.rounds,
+                seconds=args.seconds,
+            )
+            table.print(
+                "3. one PK get per unit of work (sequential)",
+                targets={"db.scope() get": Target("cpu_ratio", "<=", 1.03)},
+            )
