@@ -26,6 +26,7 @@ from ._errors import (
 from ._scope import Scope
 from ._session import is_materialized
 from ._stats import ManagerStatistics, ScopeInfo
+from ._task_group import SessionTaskGroup
 
 __all__ = ["SessionManager"]
 
@@ -95,6 +96,10 @@ class SessionManager:
             shortly after the same task committed (read-your-writes).
         :param pgbouncer: configure asyncpg for PgBouncer's transaction pooling mode.
         :param warn_after: log a warning when a scope stays open longer than this many seconds.
+        :param readonly_autocommit: (PostgreSQL, asyncpg, READ COMMITTED) run ``readonly=True``
+            scopes on a second pool of read-only autocommit connections: no BEGIN/ROLLBACK
+            round trips, and PostgreSQL still refuses every write. ``stream()`` needs a
+            transaction and is not available in those scopes.
         :param engine_kwargs: anything else goes to
             :func:`~sqlalchemy.ext.asyncio.create_async_engine` (``pool_size=``, ``echo=``...).
         :raises UnsupportedDriverError: the URL names a synchronous driver.
@@ -186,6 +191,19 @@ class SessionManager:
         """
         return Scope(self, name, readonly, savepoint, independent)
 
+    def task_group(self, *, readonly: bool = False) -> SessionTaskGroup:
+        """Run database work in parallel: ``async with db.task_group() as tg: tg.start_soon(fn)``.
+
+        An anyio task group whose children each run in their own independent scope
+        (reached through :attr:`session`): committed when the child returns, rolled
+        back when it raises or is cancelled. **The children's commits are independent,
+        not atomic.** See :doc:`/concurrency`.
+
+        :param readonly: run every child in a ``readonly=True`` scope (never commits;
+            may read from a replica).
+        """
+        return SessionTaskGroup(self, readonly)
+
     @property
     def session(self) -> AsyncSession:
         """The current scope's session (the object ``async with db.scope() as session`` gave).
@@ -218,6 +236,11 @@ class SessionManager:
             pool: Any = self._binding.engine.sync_engine.pool
             checked_out = _call_int(pool, "checkedout")
             size = _call_int(pool, "size")
+            # readonly_autocommit's own pool counts too: a leak there is a leak.
+            for extra in self._binding.extra_engines:
+                extra_out = _call_int(extra.sync_engine.pool, "checkedout")
+                if checked_out is not None and extra_out is not None:
+                    checked_out += extra_out
         return ManagerStatistics(
             open_scopes=len(self._open_scopes),
             open_sessions=sum(1 for scope in self._open_scopes if is_materialized(scope.session)),
@@ -244,9 +267,8 @@ class SessionManager:
             raise NotConfiguredError(self._label)
         return binding
 
-    def _engine_for(self, binding: Binding, readonly: bool) -> AsyncEngine:
-        if not readonly:
-            return binding.engine
+    def _readonly_engine_for(self, binding: Binding) -> AsyncEngine:
+        # A replica, unless this task committed within REPLICA_LAG (read-your-writes).
         replicas = binding.replica_readonly_engines
         if replicas and time.monotonic() - self._wrote_at.get(-REPLICA_LAG) >= REPLICA_LAG:
             return replicas[next(self._replica_turn) % len(replicas)]

@@ -29,7 +29,10 @@ from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
 
 from ._compat import current_task
 from ._errors import CrossThreadError, ReadOnlyScopeError, UnsupportedBackendError
@@ -67,6 +70,30 @@ def running_task(what: str) -> asyncio.Task[Any]:
     if task is None:  # pragma: no cover - a loop callback, not a task
         raise CrossThreadError(what)
     return task
+
+
+def held_connections(sync_session: Session) -> list[Connection]:
+    """The connections ``sync_session``'s transaction holds (without acquiring new ones)."""
+    transaction = sync_session.get_transaction()
+    if transaction is None:
+        return []
+    # SessionTransaction.connections is public only from SQLAlchemy 2.1.7; the
+    # private mapping (bind -> (connection, ...)) exists in every 2.x.
+    return [entry[0] for entry in getattr(transaction, "_connections", {}).values()]
+
+
+def _discard(connections: list[Connection]) -> None:
+    # Runs in the greenlet: invalidating may have to terminate the driver
+    # connection. Each step may fail on a broken connection; none may stop the rest.
+    for connection in connections:
+        try:
+            connection.invalidate()
+        except Exception:
+            logger.debug("tasksession: invalidating a connection failed", exc_info=True)
+        try:
+            connection.close()
+        except Exception:
+            logger.debug("tasksession: returning a connection failed", exc_info=True)
 
 
 class Scope:
@@ -135,8 +162,8 @@ class Scope:
         if self._outer is not None:
             return self._outer.engine
         if self.readonly:
-            return self.manager._engine_for(binding, readonly=True)
-        return binding.engine
+            return self.manager._readonly_engine_for(binding)
+        return binding.write_engine
 
     @property
     def owner_name(self) -> str:
@@ -154,11 +181,24 @@ class Scope:
         session = self.session
         if session is None or not is_materialized(session):
             return False
-        transaction = session.sync_session.get_transaction()
-        while transaction is not None and transaction.parent is not None:
-            transaction = transaction.parent
-        # SessionTransaction.connections is public only from SQLAlchemy 2.1.7.
-        return transaction is not None and bool(getattr(transaction, "_connections", ()))
+        return bool(held_connections(session.sync_session))
+
+    @property
+    def pending(self) -> bool:
+        """Whether a clean exit now would talk to the database.
+
+        True when the session has a transaction open, objects waiting to be
+        flushed, or an operation in flight; False for a session never used.
+        Integrations use it to commit before answering only when there is
+        something to commit (``tasksession.tornado``).
+        """
+        session = self.session
+        if session is None or "sync_session" not in session.__dict__:
+            return False
+        sync = session.sync_session
+        return bool(
+            session._ts_depth or sync.in_transaction() or sync.new or sync.deleted or sync.dirty
+        )
 
     # -- entering ---------------------------------------------------------------
 
@@ -297,17 +337,26 @@ class Scope:
         if exc is not None:
             await self._close_quietly(session, exc)
         elif session.sync_session.in_transaction():
-            await AsyncSession.close(session)
+            await self._close_quietly(session, None)
         else:
             # Committed: the connection is back in the pool; closing does no I/O.
             session.sync_session.close()
 
-    async def _close_quietly(self, session: Any, original: BaseException) -> None:
-        """Roll back and close; on failure log it and note it on ``original``."""
+    async def _close_quietly(self, session: Any, original: BaseException | None) -> None:
+        """Roll back and close; if that fails, discard the connections anyway.
+
+        With an ``original`` exception the failure is logged and noted on it,
+        never raised in its place; on a clean exit it is raised (after the
+        connections were discarded, so nothing leaks either way).
+        """
+        held = held_connections(session.sync_session)
         try:
             await AsyncSession.close(session)
         except BaseException as failure:
             self.manager._count_teardown_failure()
+            await greenlet_spawn(_discard, held)
+            if original is None:
+                raise
             logger.error(
                 "tasksession: closing the session of scope %r failed while handling %r",
                 self.name,
@@ -318,10 +367,6 @@ class Scope:
                 f"tasksession: while this was being handled, closing the session of scope "
                 f"{self.name!r} also failed: {failure!r}; its connection was invalidated"
             )
-            try:
-                await AsyncSession.invalidate(session)
-            except BaseException:
-                logger.debug("tasksession: invalidate after a failed close failed", exc_info=True)
 
     async def _end_savepoint(self, clean: bool, exc: BaseException | None) -> None:
         nested = self._nested
