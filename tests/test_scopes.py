@@ -138,7 +138,7 @@ async def test_commit_failure_on_clean_exit_raises_and_persists_nothing(
 ) -> None:
     async with db.scope() as session:
         session.add(User(name="ada"))
-    with pytest.raises(Exception, match="(?i)unique"):
+    with pytest.raises(Exception, match=r"(?i)unique"):
         async with db.scope() as session:
             session.add(User(name="bob"))
             session.add(User(name="ada"))  # violates the unique name at commit
@@ -181,7 +181,7 @@ async def test_failed_flush_inside_savepoint_leaves_outer_usable(db: SessionMana
     async with db.scope() as session:
         session.add(User(name="ada"))
         await session.flush()
-        with pytest.raises(Exception, match="(?i)unique"):
+        with pytest.raises(Exception, match=r"(?i)unique"):
             async with db.scope(savepoint=True):
                 session.add(User(name="ada"))
                 await session.flush()
