@@ -115,13 +115,13 @@ class Table:
         targets = targets or {}
         print(f"\n## {title}  ({self.kind}; ratios paired per round against {self.reference!r})")
         header = ["variant", "µs/op median [min-max]"]
-        if self.kind == "throughput":
+        if self.kind.startswith("throughput"):
             header += ["ops/s", "client CPU µs/op"]
         header += ["ratio (speed vs ref)", "CPU ratio", "target"]
         lines = [header]
         for r in self.rows:
             line = [r.name, f"{r.us_per_op:.3f} [{r.us_range[0]:.3f}-{r.us_range[1]:.3f}]"]
-            if self.kind == "throughput":
+            if self.kind.startswith("throughput"):
                 line += [f"{r.ops_per_s:,.0f}", f"{r.cpu_us_per_op:.1f}"]
             if r.ratio is not None and r.ratio_range is not None:
                 line.append(f"{r.ratio:.3f} [{r.ratio_range[0]:.3f}-{r.ratio_range[1]:.3f}]")
@@ -133,7 +133,9 @@ class Table:
             lines.append(line)
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
         for index, line in enumerate(lines):
-            print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
+            print(
+                "| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+            )
             if index == 0:
                 print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for note in self.notes:
@@ -176,7 +178,7 @@ async def micro(
         median, spread = _median_range(times)
         # speed ratio = time(ref) / time(variant) < 1 means slower; for costs we
         # report the cost ratio variant/ref instead (lower is better), clearly labelled.
-        ratios = [t / r for t, r in zip(times, ref)]
+        ratios = [t / r for t, r in zip(times, ref, strict=True)]
         ratio, ratio_range = _median_range(ratios)
         rows.append(Row(v.name, median, spread, ratio=ratio, ratio_range=ratio_range))
     table = Table(rows, reference, "micro: cost ratio = µs(variant) / µs(reference)")
@@ -228,10 +230,12 @@ async def throughput(
         median_rate, _ = _median_range(rates)
         us = [1e6 / r for r in rates]
         us_median, us_spread = _median_range(us)
-        ratios = [r / ref for r, ref in zip(rates, ops[reference])]
+        ratios = [r / ref for r, ref in zip(rates, ops[reference], strict=True)]
         ratio, ratio_range = _median_range(ratios)
         cpu_median = statistics.median(cpu[v.name])
-        cpu_ratio = statistics.median(c / ref for c, ref in zip(cpu[v.name], cpu[reference]))
+        cpu_ratio = statistics.median(
+            c / ref for c, ref in zip(cpu[v.name], cpu[reference], strict=True)
+        )
         rows.append(
             Row(
                 v.name,

@@ -57,7 +57,10 @@ async def main(args: Args) -> None:
                     pass
 
             table = await micro(
-                [Variant("await empty coroutine", bare_await), Variant("db.scope(), untouched", untouched_scope)],
+                [
+                    Variant("await empty coroutine", bare_await),
+                    Variant("db.scope(), untouched", untouched_scope),
+                ],
                 reference="await empty coroutine",
                 number=5_000 if args.quick else 20_000,
                 repeats=args.rounds,
@@ -100,7 +103,10 @@ async def main(args: Args) -> None:
                     await session.get(Item, rng.randrange(ROWS))
 
             table = await throughput(
-                [Variant("hand-written AsyncSession get", hand_written_get), Variant("db.scope() get", scope_get)],
+                [
+                    Variant("hand-written AsyncSession get", hand_written_get),
+                    Variant("db.scope() get", scope_get),
+                ],
                 reference="hand-written AsyncSession get",
                 rounds=args.rounds,
                 seconds=args.seconds,

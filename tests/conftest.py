@@ -9,14 +9,13 @@ Fixtures:
     created; after the test it asserts that no connection is left checked out.
 ``pg_db``
     the same on PostgreSQL only.
-``postgres_server``
-    the :class:`PostgresServer` (see ``postgres_server.py`` for how it is found).
+``postgres_server``, ``postgres_url``, ``anyio_backend``
+    in the repository's root ``conftest.py`` (shared with examples/).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,30 +24,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tasksession import SessionManager
 
 from .models import Base
-from .postgres_server import ENV_REQUIRE, PostgresServer, find_server
-
-
-@pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    server, how = find_server()
-    if server is None:
-        if os.environ.get(ENV_REQUIRE) == "1":
-            pytest.fail(f"{ENV_REQUIRE}=1 but {how}", pytrace=False)
-        pytest.skip(how)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def postgres_url(postgres_server: PostgresServer) -> str:
-    return postgres_server.url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -4,6 +4,7 @@ Everything public is re-exported here; the implementation lives in private
 modules, one concept each. Importing this package does not import tornado.
 """
 
+from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
 from ._errors import ConcurrentSessionError as ConcurrentSessionError
 from ._errors import CrossThreadError as CrossThreadError
 from ._errors import ImplicitIOError as ImplicitIOError
@@ -16,11 +17,14 @@ from ._errors import TaskSessionError as TaskSessionError
 from ._errors import UnsupportedBackendError as UnsupportedBackendError
 from ._errors import UnsupportedDriverError as UnsupportedDriverError
 from ._manager import SessionManager as SessionManager
+from ._retry import RetryPolicy as RetryPolicy
 from ._scope import Scope as Scope
 from ._stats import ManagerStatistics as ManagerStatistics
 from ._stats import ScopeInfo as ScopeInfo
+from ._task_group import SessionTaskGroup as SessionTaskGroup
 
 __all__ = [
+    "CommitOutcomeUnknownError",
     "ConcurrentSessionError",
     "CrossThreadError",
     "ImplicitIOError",
@@ -29,10 +33,12 @@ __all__ = [
     "NotConfiguredError",
     "PoolExhaustedError",
     "ReadOnlyScopeError",
+    "RetryPolicy",
     "Scope",
     "ScopeClosedError",
     "ScopeInfo",
     "SessionManager",
+    "SessionTaskGroup",
     "TaskSessionError",
     "UnsupportedBackendError",
     "UnsupportedDriverError",

@@ -6,14 +6,17 @@ to its stable code on the errors page (``docs/errors.md``)::
     TaskSessionError (sqlalchemy.exc.InvalidRequestError)
     ├── NoScopeError              db.session outside any scope
     ├── ScopeClosedError          a session or scope used after the scope ended
+    │   └── StreamClosedError     a stream() result read after its scope ended
     ├── ConcurrentSessionError    one session used by two tasks at once
     ├── ImplicitIOError           (also MissingGreenlet) attribute load needing I/O
+    │   └── DetachedImplicitIOError  (also DetachedInstanceError) ... on a detached object
     ├── NotConfiguredError        (also UnboundExecutionError) manager never configured
     ├── UnsupportedDriverError    (also ArgumentError) synchronous driver URL
     ├── UnsupportedBackendError   scope entered under trio
     ├── CrossThreadError          scope or session used from another thread
     ├── ReadOnlyScopeError        a write attempted in a readonly scope
-    └── PoolExhaustedError        (also sqlalchemy.exc.TimeoutError) pool checkout timed out
+    ├── PoolExhaustedError        (also sqlalchemy.exc.TimeoutError) pool checkout timed out
+    └── CommitOutcomeUnknownError the connection was lost during COMMIT
 
 Each class keeps the facts its message is built from as attributes, so code
 can inspect them without parsing text. The classes subclass what users of
@@ -26,20 +29,24 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import exc as orm_exc
 
 if TYPE_CHECKING:
     from ._stats import ScopeInfo
 
 __all__ = [
     "ERRORS_PAGE",
+    "CommitOutcomeUnknownError",
     "ConcurrentSessionError",
     "CrossThreadError",
+    "DetachedImplicitIOError",
     "ImplicitIOError",
     "NoScopeError",
     "NotConfiguredError",
     "PoolExhaustedError",
     "ReadOnlyScopeError",
     "ScopeClosedError",
+    "StreamClosedError",
     "TaskSessionError",
     "UnsupportedBackendError",
     "UnsupportedDriverError",
@@ -100,6 +107,28 @@ class ScopeClosedError(TaskSessionError):
             "    async def background_job():\n"
             "        async with db.scope(independent=True) as session:\n"
             "            ...\n"
+        )
+
+
+class StreamClosedError(ScopeClosedError):
+    """A ``stream()`` result was read after its scope ended."""
+
+    def __init__(self, scope_name: str) -> None:
+        self.scope_name = scope_name
+        self.operation = "reading a stream() result"
+        TaskSessionError.__init__(
+            self,
+            f"A stream() result of scope {scope_name!r} was read after that scope ended. "
+            "A stream reads its rows through a server-side cursor on the scope's "
+            "connection; when the scope ended it closed the cursor and returned the "
+            "connection to the pool, so the remaining rows are gone.\n"
+            "Consume the stream inside the scope:\n\n"
+            "    async with db.scope() as session:\n"
+            "        result = await session.stream(select(User))\n"
+            "        async for user in result.scalars():\n"
+            "            ...\n\n"
+            "or use `await session.execute(...)`, whose result is fully buffered and "
+            "readable after the scope ends.",
         )
 
 
@@ -166,6 +195,9 @@ class ImplicitIOError(TaskSessionError, sa_exc.MissingGreenlet):
     """An attribute access needed database I/O outside of an ``await``."""
 
     error_code = "ts-implicit-io"
+    # Empty, not MissingGreenlet's "xd2s": that would append a second link, to
+    # SQLAlchemy's pages (SQLAlchemy adds the link only for a non-empty code).
+    code = ""
 
     def __init__(
         self,
@@ -184,9 +216,17 @@ class ImplicitIOError(TaskSessionError, sa_exc.MissingGreenlet):
         fix_text = "\n".join(f"    {fix}" for fix in self.fixes)
         super().__init__(
             f"Reading {class_name}.{attribute} on {instance} needs a database query, "
-            f"but attribute access cannot await ({reason}).\n"
-            f"Load it explicitly while you can await:\n{fix_text}"
+            f"but {reason}.\n"
+            f"Load it explicitly, one of these ways:\n{fix_text}"
         )
+
+
+class DetachedImplicitIOError(ImplicitIOError, orm_exc.DetachedInstanceError):
+    """An :class:`ImplicitIOError` on a detached object (its scope ended, or it was expunged).
+
+    Also a :class:`~sqlalchemy.orm.exc.DetachedInstanceError`, the error SQLAlchemy
+    raises there, so existing ``except`` clauses keep working.
+    """
 
 
 class NotConfiguredError(TaskSessionError, sa_exc.UnboundExecutionError):
@@ -298,4 +338,29 @@ class PoolExhaustedError(TaskSessionError, sa_exc.TimeoutError):
             "A scope holds its connection from its first query until it ends. Keep scopes "
             "short (no slow network calls inside them), make sure background tasks open "
             "their own scopes and finish, or raise pool_size / max_overflow."
+        )
+
+
+class CommitOutcomeUnknownError(TaskSessionError):
+    """The connection was lost while a unit's COMMIT was in flight.
+
+    The database may have committed the unit or not; nothing on the client can
+    tell. The unit is therefore never retried (it could be applied twice). The
+    lost-connection error is the ``__cause__`` and the ``original`` attribute.
+    """
+
+    error_code = "ts-commit-unknown"
+
+    def __init__(self, unit: str, original: BaseException, attempt: int) -> None:
+        self.unit = unit
+        self.original = original
+        self.attempt = attempt
+        super().__init__(
+            f"The connection was lost while unit {unit!r} was committing (attempt "
+            f"{attempt}): the database may or may not have committed it. It was NOT "
+            f"retried, because running it again could apply it twice. Cause: {original!r}\n"
+            "Check whether its effects are present before running it again, or make the "
+            "unit safe to repeat, for example by keying its writes on a unique id:\n\n"
+            "    INSERT INTO payments (request_id, ...) VALUES (...)\n"
+            "    ON CONFLICT (request_id) DO NOTHING"
         )

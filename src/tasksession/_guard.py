@@ -26,33 +26,68 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from collections.abc import Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ._compat import current_task, get_running_loop_or_none
+from ._compat import current_task_of, get_running_loop_or_none
 from ._errors import ConcurrentSessionError, CrossThreadError, ScopeClosedError
 
 if TYPE_CHECKING:
     from ._scope import Scope
 
-__all__ = ["GUARD_MODES", "enter_concurrent", "enter_off", "enter_strict", "leave"]
+__all__ = [
+    "BY_MODE",
+    "GUARD_MODES",
+    "check_sync_concurrent",
+    "check_sync_off",
+    "check_sync_strict",
+    "enter_concurrent",
+    "enter_off",
+    "enter_strict",
+    "leave",
+]
 
 GUARD_MODES = ("concurrent", "strict", "off")
 
 logger = logging.getLogger("tasksession")
 
-_current_task = current_task
+_current_task_of = current_task_of
+_get_ident = threading.get_ident
 # Frames from these packages are plumbing; locations point at the user's code.
-_PLUMBING = ("/tasksession/", "/sqlalchemy/", "/asyncio/", "/anyio/", "/greenlet/")
+_PLUMBING = (
+    "/tasksession/",
+    "/sqlalchemy/",
+    "/asyncio/",
+    "/anyio/",
+    "/greenlet/",
+    "/asyncpg/",
+    "/aiosqlite/",
+)
 
 
-def _running_task(self: Any, operation: str) -> asyncio.Task[Any]:
+def _bind_loop(self: Any, operation: str) -> asyncio.AbstractEventLoop:
+    """Remember the loop and thread of the session's first use (the slow path, once)."""
     try:
-        task = _current_task()
+        loop = asyncio.get_running_loop()
     except RuntimeError:
         # No running loop in this thread: called from a worker thread.
         raise CrossThreadError(f"{operation}()") from None
+    self._ts_thread = _get_ident()
+    self._ts_loop = loop
+    return loop
+
+
+def _calling_task(self: Any, operation: str) -> asyncio.Task[Any]:
+    # Asking the loop we know for its running task avoids get_running_loop(),
+    # which costs a getpid() system call on CPython; the thread check replaces it.
+    loop = self._ts_loop
+    if loop is None:
+        loop = _bind_loop(self, operation)
+    elif _get_ident() != self._ts_thread:
+        raise CrossThreadError(f"{operation}()")
+    task = _current_task_of(loop)
     if task is None:  # pragma: no cover - a loop callback, not a task
         raise CrossThreadError(f"{operation}()")
     return task
@@ -70,13 +105,19 @@ def enter_concurrent(self: Any, operation: str) -> None:
     scope = self._ts_scope
     if scope.closed:
         raise ScopeClosedError(scope.name, operation)
-    task = _running_task(self, operation)
+    # _calling_task() inlined: this runs on every operation.
+    loop = self._ts_loop
+    if loop is None:
+        loop = _bind_loop(self, operation)
+    elif _get_ident() != self._ts_thread:
+        raise CrossThreadError(f"{operation}()")
+    task = _current_task_of(loop)
     busy = self._ts_busy_task
     if busy is None:
         self._ts_busy_task = task
         self._ts_busy_operation = operation
     elif busy is not task:
-        raise conflict(self, task, operation, strict=False)
+        raise conflict(self, _calling_task(self, operation), operation, strict=False)
     self._ts_depth += 1
 
 
@@ -85,7 +126,7 @@ def enter_strict(self: Any, operation: str) -> None:
     scope = self._ts_scope
     if scope.closed:
         raise ScopeClosedError(scope.name, operation)
-    task = _running_task(self, operation)
+    task = _calling_task(self, operation)
     if task is not scope.owner:
         raise conflict(self, task, operation, strict=True)
     self._ts_busy_task = task
@@ -105,28 +146,56 @@ def leave(self: Any) -> None:
             waiter.set()
 
 
-def check_sync(self: Any, operation: str) -> None:
-    """Check a synchronous mutator (``add``, ``expire``, ...).
-
-    It does no I/O itself, so it only has to stay out of another task's
-    in-flight operation (and, under ``"strict"``, out of other tasks' hands).
-    """
+def _check_sync_common(self: Any, operation: str) -> None:
     scope = self._ts_scope
     if scope.closed:
         raise ScopeClosedError(scope.name, operation)
-    if get_running_loop_or_none() is None:
-        raise CrossThreadError(f"{operation}()")
-    mode = scope.guard_mode
-    if mode == "off":
-        return
+    if _get_ident() != self._ts_thread:
+        if self._ts_loop is not None or get_running_loop_or_none() is None:
+            raise CrossThreadError(f"{operation}()")
+        _bind_loop(self, operation)
+
+
+def check_sync_off(self: Any, operation: str) -> None:
+    """Check a synchronous mutator with the guard off: closed scope and thread only."""
+    _check_sync_common(self, operation)
+
+
+def check_sync_concurrent(self: Any, operation: str) -> None:
+    """Check a synchronous mutator (``add``, ``expire``, ...) under ``"concurrent"``.
+
+    It does no I/O itself, so it only has to stay out of another task's
+    in-flight operation.
+    """
+    # _check_sync_common() inlined: this runs on every add().
+    scope = self._ts_scope
+    if scope.closed:
+        raise ScopeClosedError(scope.name, operation)
+    if _get_ident() != self._ts_thread:
+        if self._ts_loop is not None or get_running_loop_or_none() is None:
+            raise CrossThreadError(f"{operation}()")
+        _bind_loop(self, operation)
     busy = self._ts_busy_task
-    if busy is None and mode == "concurrent":
-        return
-    task = _running_task(self, operation)
-    if mode == "strict" and task is not scope.owner:
+    if busy is not None:
+        task = _calling_task(self, operation)
+        if busy is not task:
+            raise conflict(self, task, operation, strict=False)
+
+
+def check_sync_strict(self: Any, operation: str) -> None:
+    """Check a synchronous mutator under ``"strict"``: only the scope's owner may call it."""
+    _check_sync_common(self, operation)
+    task = _calling_task(self, operation)
+    if task is not self._ts_scope.owner:
         raise conflict(self, task, operation, strict=True)
-    if busy is not None and busy is not task:
-        raise conflict(self, task, operation, strict=False)
+
+
+#: guard mode -> (enter a coroutine operation, check a synchronous mutator)
+BY_MODE = {
+    "concurrent": (enter_concurrent, check_sync_concurrent),
+    "strict": (enter_strict, check_sync_strict),
+    "off": (enter_off, check_sync_off),
+}
 
 
 # -- the error path: build the diagnosis -------------------------------------

@@ -6,9 +6,10 @@ import itertools
 import logging
 import time
 import warnings
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
@@ -23,12 +24,18 @@ from ._errors import (
     PoolExhaustedError,
     ScopeClosedError,
 )
+from ._interrupt import watch_binding
+from ._retry import RetryPolicy
 from ._scope import Scope
 from ._session import is_materialized
 from ._stats import ManagerStatistics, ScopeInfo
 from ._task_group import SessionTaskGroup
+from ._transactional import transactional
 
 __all__ = ["SessionManager"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _manager_ids = itertools.count(1)
 
@@ -109,6 +116,7 @@ class SessionManager:
         """
         manager_options, engine_kwargs = split_options(options)
         binding = create_binding(url, engine, manager_options, engine_kwargs)
+        watch_binding(binding)
         previous = self._binding
         if previous is not None:
             still_open = sum(1 for scope in self._open_scopes if scope.binding is previous)
@@ -190,6 +198,38 @@ class SessionManager:
             open scope of the same task.
         """
         return Scope(self, name, readonly, savepoint, independent)
+
+    def transactional(
+        self,
+        retry: RetryPolicy | None = None,
+        *,
+        name: str | None = None,
+        readonly: bool = False,
+    ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Coroutine[Any, Any, R]]]:
+        """Decorate a coroutine function to run each call as one unit of work.
+
+        ::
+
+            @db.transactional(retry=RetryPolicy(attempts=5))
+            async def transfer(src: int, dst: int, amount: int) -> None:
+                session = db.session        # this call's own session
+                ...                         # committed when the function returns
+
+        Each call runs in its own scope: committed when the function returns,
+        rolled back when it raises. With ``retry``, a call that failed with a
+        serialization failure, a deadlock or a lost connection runs again from
+        the start in a new scope, after a jittered backoff; **the function must
+        be safe to run again** (no effects outside the database). Called inside
+        an open scope of the same task, it joins that scope and is not retried
+        (the outer unit owns the transaction). See :doc:`/workers`.
+
+        :param retry: when and how often to re-run the call; ``None`` never retries.
+        :param name: label of the scopes (default: the function's qualified name).
+        :param readonly: run in ``readonly=True`` scopes.
+        :raises CommitOutcomeUnknownError: the connection was lost during COMMIT
+            (never retried: the database may have committed).
+        """
+        return transactional(self, retry, name, readonly)
 
     def task_group(self, *, readonly: bool = False) -> SessionTaskGroup:
         """Run database work in parallel: ``async with db.task_group() as tg: tg.start_soon(fn)``.

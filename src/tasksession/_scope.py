@@ -36,7 +36,9 @@ from sqlalchemy.util import greenlet_spawn
 
 from ._compat import current_task
 from ._errors import CrossThreadError, ReadOnlyScopeError, UnsupportedBackendError
+from ._interrupt import cancel_orphans, has_orphans
 from ._session import is_materialized
+from ._streams import close_streams
 
 if TYPE_CHECKING:
     from ._config import Binding
@@ -112,6 +114,7 @@ class Scope:
     _token: Any = None
     _opened = 0.0
     _nested: Any = None
+    _streams: list[Any] | None = None  # stream() results to close at exit (_streams.py)
 
     def __init__(
         self,
@@ -288,6 +291,7 @@ class Scope:
         sync = session.sync_session
         if (
             session._ts_depth == 0
+            and self._streams is None
             and not sync.in_transaction()
             and not (commit and (sync.new or sync.deleted or sync.dirty))
         ):
@@ -324,6 +328,9 @@ class Scope:
             waiter = anyio.Event()
             session._ts_idle_waiter = waiter
             await waiter.wait()
+        if self._streams is not None:
+            # Before the commit or rollback returns the connection they read from.
+            await close_streams(self)
         if commit:
             try:
                 await AsyncSession.commit(session)
@@ -336,6 +343,9 @@ class Scope:
             manager._count_end(self, "rollback")
         if exc is not None:
             await self._close_quietly(session, exc)
+            if has_orphans(session.bind):
+                # A cancellation cut a statement off mid-flight: stop it on the server.
+                await cancel_orphans(session.bind)
         elif session.sync_session.in_transaction():
             await self._close_quietly(session, None)
         else:

@@ -20,6 +20,7 @@ and keeps every method the user added.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -29,7 +30,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 from sqlalchemy.orm import Session
 
-from . import _guard
+from . import _guard, _loading, _streams
 from ._errors import PoolExhaustedError, ReadOnlyScopeError
 
 __all__ = [
@@ -115,11 +116,8 @@ UNGUARDED = frozenset(
 
 _CLASS_CACHE: dict[tuple[type[AsyncSession], str], type[AsyncSession]] = {}
 
-_ENTER = {
-    "concurrent": _guard.enter_concurrent,
-    "strict": _guard.enter_strict,
-    "off": _guard.enter_off,
-}
+_ENTER = {mode: enter for mode, (enter, _) in _guard.BY_MODE.items()}
+_CHECK_SYNC = {mode: check for mode, (_, check) in _guard.BY_MODE.items()}
 
 
 def is_materialized(session: AsyncSession) -> bool:
@@ -135,25 +133,32 @@ def _pool_exhausted(session: Any, error: sa_exc.TimeoutError) -> BaseException:
 
 
 def _guard_coroutine(
-    name: str, method: Callable[..., Coroutine[Any, Any, Any]]
+    name: str,
+    method: Callable[..., Coroutine[Any, Any, Any]],
+    enter: Callable[[Any, str], None],
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
+    # The hot path: enter and leave are closure cells, not attribute lookups.
+    leave = _guard.leave
+
     @functools.wraps(method)
     async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self._ts_enter(name)
+        enter(self, name)
         try:
             return await method(self, *args, **kwargs)
         except sa_exc.TimeoutError as error:
             raise _pool_exhausted(self, error) from error
         finally:
-            _guard.leave(self)
+            leave(self)
 
     return guarded
 
 
-def _guard_sync(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+def _guard_sync(
+    name: str, method: Callable[..., Any], check: Callable[[Any, str], None]
+) -> Callable[..., Any]:
     @functools.wraps(method)
     def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _guard.check_sync(self, name)
+        check(self, name)
         return method(self, *args, **kwargs)
 
     return guarded
@@ -199,6 +204,34 @@ class GuardedTransaction(AsyncSessionTransaction):
             _guard.leave(session)
 
 
+def _make_aexit(base: type[AsyncSession]) -> Callable[..., Coroutine[Any, Any, None]]:
+    base_close = base.close
+
+    async def __aexit__(self: Any, type_: Any, value: Any, traceback: Any) -> None:
+        # SQLAlchemy closes in a task of its own, so that a cancellation cannot
+        # cut the close short; to the guard that task would be a stranger (and,
+        # under "strict", not the owner). Enter the guard here, in the task that
+        # leaves the block, and run the unguarded close in the helper task.
+        self._ts_enter("close")
+        try:
+            task = asyncio.get_running_loop().create_task(base_close(self))
+            cancelled: BaseException | None = None
+            while True:
+                try:
+                    await asyncio.shield(task)
+                    break
+                except asyncio.CancelledError as error:
+                    if task.done():
+                        raise
+                    cancelled = error
+            if cancelled is not None:
+                raise cancelled
+        finally:
+            _guard.leave(self)
+
+    return __aexit__
+
+
 def _get_transaction(self: Any) -> AsyncSessionTransaction | None:
     # SQLAlchemy's version hands out a plain AsyncSessionTransaction for an
     # autobegun transaction, whose commit()/rollback() would bypass the guard.
@@ -216,12 +249,12 @@ def _get_nested_transaction(self: Any) -> AsyncSessionTransaction | None:
 
 
 def _begin(self: Any) -> AsyncSessionTransaction:
-    _guard.check_sync(self, "begin")
+    self._ts_check_sync("begin")
     return GuardedTransaction(self)
 
 
 def _begin_nested(self: Any) -> AsyncSessionTransaction:
-    _guard.check_sync(self, "begin_nested")
+    self._ts_check_sync("begin_nested")
     return GuardedTransaction(self, nested=True)
 
 
@@ -278,25 +311,34 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         "_ts_busy_operation": "",
         "_ts_depth": 0,
         "_ts_idle_waiter": None,
+        # The loop and thread of the session's first use (see _guard._bind_loop).
+        "_ts_loop": None,
+        "_ts_thread": 0,
         "__getattr__": _make_getattr(base),
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         "_ts_enter": _ENTER[guard_mode],
+        "_ts_check_sync": _CHECK_SYNC[guard_mode],
         "begin": _begin,
         "begin_nested": _begin_nested,
         "get_transaction": _get_transaction,
+        "__aexit__": _make_aexit(base),
         "get_nested_transaction": _get_nested_transaction,
         "sync_session_class": _sync_session_class(base.sync_session_class),
     }
     for name in GUARDED_COROUTINES:
         method = getattr(base, name, None)
         if method is not None:
-            namespace[name] = _guard_coroutine(name, method)
+            namespace[name] = _guard_coroutine(name, method, _ENTER[guard_mode])
     for name in GUARDED_SYNC:
         method = getattr(base, name, None)
         if method is not None and name not in namespace:
-            namespace[name] = _guard_sync(name, method)
+            namespace[name] = _guard_sync(name, method, _CHECK_SYNC[guard_mode])
+    if "stream" in namespace:
+        # stream_scalars() goes through stream(): both results get registered.
+        namespace["stream"] = _streams.tracking(namespace["stream"])
+    _loading.install()
     cls = type(base.__name__, (base,), namespace)
     _CLASS_CACHE[key] = cls
     return cls

@@ -1,0 +1,143 @@
+"""``@db.transactional()``: a coroutine function that runs as one unit of work, retried if asked.
+
+Each call opens a scope around the function (so ``db.session`` works inside
+it), commits when it returns, rolls back when it raises. With a
+:class:`~tasksession.RetryPolicy`, a call that failed with a retryable error
+(serialization failure, deadlock, lost connection) is run again **from the
+start, in a new scope**, after a jittered backoff.
+
+Two cases are never retried:
+
+* **inside an open scope of the same task** the function joins that scope
+  (like a nested ``db.scope()``): it cannot re-run a transaction that began
+  before it was called. The error propagates to the outer unit, which is
+  where a retry belongs (an outer ``@db.transactional(retry=...)`` re-runs
+  everything, the inner call included);
+* **a connection lost during COMMIT**: the database may or may not have
+  committed. That raises :class:`~tasksession.CommitOutcomeUnknownError`
+  (with or without a policy), never a retry.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import anyio
+from sqlalchemy import exc as sa_exc
+
+from ._errors import CommitOutcomeUnknownError
+from ._retry import RetryPolicy, is_disconnect
+from ._scope import _OWN
+
+if TYPE_CHECKING:
+    from ._manager import SessionManager
+
+__all__ = ["run_unit", "transactional"]
+
+logger = logging.getLogger("tasksession")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_JOINED_NOTE = (
+    "tasksession: {name!r} ran inside an open scope of the same task, so it joined that "
+    "unit and was not retried; only the outermost unit can be re-run (decorate it with "
+    "@db.transactional(retry=...), or call this function outside any scope)."
+)
+
+
+def transactional(
+    manager: SessionManager,
+    retry: RetryPolicy | None,
+    name: str | None,
+    readonly: bool,
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Coroutine[Any, Any, R]]]:
+    """Build the decorator :meth:`SessionManager.transactional` returns."""
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        if callable(retry):
+            raise TypeError(
+                f"@{manager._label}.transactional needs parentheses: write "
+                f"@{manager._label}.transactional() or "
+                f"@{manager._label}.transactional(retry=RetryPolicy(...))"
+            )
+        raise TypeError(f"retry={retry!r} must be a tasksession.RetryPolicy or None")
+
+    def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        if not inspect.iscoroutinefunction(function):
+            raise TypeError(
+                f"@{manager._label}.transactional() decorates coroutine functions "
+                f"(async def); {function!r} is not one"
+            )
+        label = name if name is not None else function.__qualname__
+
+        @functools.wraps(function)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            return await run_unit(
+                manager, functools.partial(function, *args, **kwargs), retry, label, readonly
+            )
+
+        return run
+
+    return decorate
+
+
+def _commit_was_lost(error: BaseException) -> bool:
+    # Raised by the scope's exit after the body returned: the commit failed.
+    # SQLAlchemy reports a failed COMMIT (unlike a failed flush statement)
+    # with no statement; a disconnect there leaves the outcome unknown.
+    return isinstance(error, sa_exc.DBAPIError) and error.statement is None and is_disconnect(error)
+
+
+async def run_unit(
+    manager: SessionManager,
+    body: Callable[[], Awaitable[R]],
+    policy: RetryPolicy | None,
+    name: str,
+    readonly: bool = False,
+) -> R:
+    """Run ``body()`` in a scope of ``manager``; re-run it in a new scope per ``policy``.
+
+    :raises CommitOutcomeUnknownError: the connection was lost during COMMIT.
+    :raises Exception: the error of the last attempt, with a note saying how many
+        attempts were made when retries ran out.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        scope = manager.scope(name=name, readonly=readonly)
+        returned = False
+        try:
+            async with scope:
+                result = await body()
+                returned = True
+            return result
+        except Exception as error:
+            reason = policy.reason(error) if policy is not None else None
+            if scope._kind != _OWN:  # joined the caller's open scope: it owns the transaction
+                if reason is not None:
+                    error.add_note(_JOINED_NOTE.format(name=name))
+                raise
+            if returned and _commit_was_lost(error):
+                raise CommitOutcomeUnknownError(name, error, attempt) from error
+            if reason is None or policy is None:
+                raise
+            if attempt >= policy.attempts:
+                error.add_note(
+                    f"tasksession: unit {name!r} failed {attempt} time(s) with a retryable "
+                    f"error ({reason}); RetryPolicy(attempts={policy.attempts}) gave up."
+                )
+                raise
+            delay = policy.delay(attempt)
+            logger.info(
+                "tasksession: unit %r failed with a %s (attempt %d of %d); retrying in %.3fs",
+                name,
+                reason,
+                attempt,
+                policy.attempts,
+                delay,
+            )
+        await anyio.sleep(delay)

@@ -1,0 +1,154 @@
+"""Read-only requests: no BEGIN/ROLLBACK round trips, and no write can ever persist."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import tornado.web
+from sqlalchemy import text
+
+from tasksession import ReadOnlyScopeError, SessionManager
+from tasksession.tornado import SessionMixin
+
+from .conftest import reset_tables
+from .models import User
+from .tornado_helpers import json_body, serve, wait_until_released
+
+pytestmark = pytest.mark.anyio
+
+# now() is the start of the transaction: two statements inside one BEGIN ... ROLLBACK
+# see the same value, two autocommit statements (each its own transaction) do not.
+NOW = text("SELECT now()")
+READ_ONLY = text("SELECT current_setting('transaction_read_only')")
+
+
+@pytest.fixture
+async def ro_db(postgres_url: str) -> AsyncIterator[SessionManager]:
+    db = SessionManager(postgres_url, readonly_autocommit=True, pool_size=5)
+    try:
+        await reset_tables(db.engine)
+        async with db.scope() as session:
+            session.add(User(id=1, name="ada"))
+        yield db
+        await wait_until_released(db)
+    finally:
+        await db.dispose()
+
+
+class Users(SessionMixin, tornado.web.RequestHandler):
+    session_readonly = frozenset({"GET", "HEAD"})
+
+    async def get(self, ident: str) -> None:
+        user = await self.session.get(User, int(ident))
+        first = await self.session.scalar(NOW)
+        second = await self.session.scalar(NOW)
+        read_only = await self.session.scalar(READ_ONLY)
+        own = first != second
+        self.write({"name": user.name if user else None, "own": own, "read_only": read_only})
+
+    async def post(self, ident: str) -> None:
+        self.session.add(User(id=int(ident), name=f"user{ident}"))
+        self.set_status(201)
+
+
+class OrmWriteInGet(SessionMixin, tornado.web.RequestHandler):
+    session_readonly = True
+
+    async def get(self) -> None:
+        self.session.add(User(name="sneaky"))
+        await self.session.flush()
+
+
+class CoreWriteInGet(SessionMixin, tornado.web.RequestHandler):
+    session_readonly = True
+
+    async def get(self) -> None:
+        await self.session.execute(text("INSERT INTO users (name) VALUES ('sneaky')"))
+
+
+async def users_named(db: SessionManager, name: str) -> int:
+    async with db.engine.connect() as conn:
+        query = text("SELECT count(*) FROM users WHERE name = :n")
+        return int(await conn.scalar(query, {"n": name}) or 0)
+
+
+async def test_readonly_get_sends_no_begin(ro_db: SessionManager) -> None:
+    app = tornado.web.Application([(r"/users/(\d+)", Users)], session_manager=ro_db)
+    async with serve(app) as server:
+        response = await server.fetch("/users/1")
+    assert {"name": "ada", "own": True, "read_only": "on"} == json_body(response)
+
+
+async def test_readonly_get_without_autocommit_runs_in_one_read_only_transaction(
+    pg_db: SessionManager,
+) -> None:
+    async with pg_db.scope() as session:
+        session.add(User(id=1, name="ada"))
+    app = tornado.web.Application([(r"/users/(\d+)", Users)], session_manager=pg_db)
+    async with serve(app) as server:
+        response = await server.fetch("/users/1")
+    assert {"name": "ada", "own": False, "read_only": "on"} == json_body(response)
+    await wait_until_released(pg_db)  # a readonly scope ends after its response
+
+
+async def test_writable_method_of_the_same_handler_runs_in_a_transaction(
+    ro_db: SessionManager,
+) -> None:
+    app = tornado.web.Application([(r"/users/(\d+)", Users)], session_manager=ro_db)
+    async with serve(app) as server:
+        response = await server.fetch("/users/2", "POST")
+    assert (201, 1) == (response.code, await users_named(ro_db, "user2"))
+
+
+async def test_readonly_request_refuses_an_orm_write(
+    ro_db: SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = tornado.web.Application([(r"/w", OrmWriteInGet)], session_manager=ro_db)
+    with caplog.at_level(logging.ERROR, logger="tornado.application"):
+        async with serve(app) as server:
+            response = await server.fetch("/w")
+    assert (500, 0) == (response.code, await users_named(ro_db, "sneaky"))
+    assert [ReadOnlyScopeError] == [type(r.exc_info[1]) for r in caplog.records if r.exc_info]
+
+
+async def test_readonly_request_cannot_persist_a_core_write(
+    ro_db: SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = tornado.web.Application([(r"/w", CoreWriteInGet)], session_manager=ro_db)
+    with caplog.at_level(logging.ERROR, logger="tornado.application"):
+        async with serve(app) as server:
+            response = await server.fetch("/w")
+    assert (500, 0) == (response.code, await users_named(ro_db, "sneaky"))
+    logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert "read-only transaction" in str(logged[0])
+
+
+async def test_readonly_scope_outside_tornado_refuses_ddl(ro_db: SessionManager) -> None:
+    async with ro_db.scope(readonly=True) as session:
+        with pytest.raises(Exception, match="read-only transaction"):
+            await session.execute(text("CREATE TABLE never_created (x int)"))
+    async with ro_db.engine.connect() as conn:
+        assert None is await conn.scalar(text("SELECT to_regclass('never_created')"))
+
+
+async def test_readonly_autocommit_needs_read_committed(postgres_url: str) -> None:
+    with pytest.raises(ValueError, match="READ COMMITTED"):
+        SessionManager(postgres_url, readonly_autocommit=True, isolation_level="SERIALIZABLE")
+
+
+async def test_readonly_autocommit_is_refused_on_sqlite(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="postgresql"):
+        SessionManager(f"sqlite+aiosqlite:///{tmp_path}/x.db", readonly_autocommit=True)
+
+
+def test_importing_tasksession_does_not_import_tornado() -> None:
+    code = "import sys, tasksession; print('tornado' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "False" == result.stdout.strip()
