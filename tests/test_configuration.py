@@ -178,8 +178,14 @@ async def test_expire_on_commit_is_off_by_default_and_configurable(make_manager:
 
 
 class AuditedSession(AsyncSession):
+    commits = 0
+
     def audit_label(self) -> str:
         return f"audited:{len(self.new)}"
+
+    async def commit(self) -> None:
+        AuditedSession.commits += 1
+        await super().commit()
 
 
 async def test_session_class_subclass_is_honoured(make_manager: Any) -> None:
@@ -189,6 +195,8 @@ async def test_session_class_subclass_is_honoured(make_manager: Any) -> None:
         assert isinstance(session, AuditedSession)
         session.add(User(name="ada"))
         assert "audited:1" == session.audit_label()
+        AuditedSession.commits = 0
+    assert 1 == AuditedSession.commits  # the scope's commit went through the override
     assert 1 == await count_users(db)
 
 

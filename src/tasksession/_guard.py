@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ._compat import current_task_of, get_running_loop_or_none
+from ._compat import current_task, current_task_of, get_running_loop_or_none
 from ._errors import ConcurrentSessionError, CrossThreadError, ScopeClosedError
 
 if TYPE_CHECKING:
@@ -93,10 +93,22 @@ def _calling_task(self: Any, operation: str) -> asyncio.Task[Any]:
     return task
 
 
+def _refuse_closed(self: Any, operation: str) -> None:
+    """The scope has ended: refuse ``operation``, unless its own teardown calls it.
+
+    The teardown calls the user's ``session_class`` commit()/close(), which may
+    well call flush() or other operations of the session themselves.
+    """
+    scope = self._ts_scope
+    teardown = scope._teardown_task
+    if teardown is None or get_running_loop_or_none() is None or teardown is not current_task():
+        raise ScopeClosedError(scope.name, operation)
+
+
 def enter_off(self: Any, operation: str) -> None:
     """Start ``operation`` with the guard off: only refuse a closed scope."""
     if self._ts_scope.closed:
-        raise ScopeClosedError(self._ts_scope.name, operation)
+        _refuse_closed(self, operation)
     self._ts_depth += 1
 
 
@@ -104,7 +116,7 @@ def enter_concurrent(self: Any, operation: str) -> None:
     """Start ``operation``; refuse it if another task is inside an operation."""
     scope = self._ts_scope
     if scope.closed:
-        raise ScopeClosedError(scope.name, operation)
+        _refuse_closed(self, operation)
     # _calling_task() inlined: this runs on every operation.
     loop = self._ts_loop
     if loop is None:
@@ -125,9 +137,9 @@ def enter_strict(self: Any, operation: str) -> None:
     """Start ``operation``; refuse it unless the scope's owner task calls."""
     scope = self._ts_scope
     if scope.closed:
-        raise ScopeClosedError(scope.name, operation)
+        _refuse_closed(self, operation)
     task = _calling_task(self, operation)
-    if task is not scope.owner:
+    if task is not scope.owner and task is not scope._teardown_task:
         raise conflict(self, task, operation, strict=True)
     self._ts_busy_task = task
     self._ts_busy_operation = operation
@@ -149,7 +161,7 @@ def leave(self: Any) -> None:
 def _check_sync_common(self: Any, operation: str) -> None:
     scope = self._ts_scope
     if scope.closed:
-        raise ScopeClosedError(scope.name, operation)
+        _refuse_closed(self, operation)
     if _get_ident() != self._ts_thread:
         if self._ts_loop is not None or get_running_loop_or_none() is None:
             raise CrossThreadError(f"{operation}()")
@@ -170,7 +182,7 @@ def check_sync_concurrent(self: Any, operation: str) -> None:
     # _check_sync_common() inlined: this runs on every add().
     scope = self._ts_scope
     if scope.closed:
-        raise ScopeClosedError(scope.name, operation)
+        _refuse_closed(self, operation)
     if _get_ident() != self._ts_thread:
         if self._ts_loop is not None or get_running_loop_or_none() is None:
             raise CrossThreadError(f"{operation}()")
@@ -186,7 +198,8 @@ def check_sync_strict(self: Any, operation: str) -> None:
     """Check a synchronous mutator under ``"strict"``: only the scope's owner may call it."""
     _check_sync_common(self, operation)
     task = _calling_task(self, operation)
-    if task is not self._ts_scope.owner:
+    scope = self._ts_scope
+    if task is not scope.owner and task is not scope._teardown_task:
         raise conflict(self, task, operation, strict=True)
 
 

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from ._compat import current_task
+from ._completion import run_to_completion
 from ._errors import CrossThreadError, ReadOnlyScopeError, UnsupportedBackendError
 from ._interrupt import cancel_orphans, has_orphans
 from ._session import is_materialized
@@ -114,6 +115,7 @@ class Scope:
     _token: Any = None
     _opened = 0.0
     _nested: Any = None
+    _teardown_task: asyncio.Task[Any] | None = None  # may still use the ended scope's session
     _streams: list[Any] | None = None  # stream() results to close at exit (_streams.py)
 
     def __init__(
@@ -299,29 +301,13 @@ class Scope:
             sync.close()
             manager._count_end(self, None)
             return
-        await self._run_teardown(session, commit, exc)
+        await run_to_completion(self._teardown(session, commit, exc))
         if commit and self.binding is not None and self.binding.replica_engines:
             manager._note_write()
 
-    async def _run_teardown(self, session: Any, commit: bool, exc: BaseException | None) -> None:
-        cancelled: BaseException | None = None
-        with anyio.CancelScope(shield=True):
-            task = asyncio.get_running_loop().create_task(self._teardown(session, commit, exc))
-            while True:
-                try:
-                    await asyncio.shield(task)
-                    break
-                except asyncio.CancelledError as error:
-                    # A native Task.cancel() cuts through anyio's shield; the
-                    # teardown task goes on, and we wait for it before re-raising.
-                    if task.done():
-                        raise
-                    cancelled = error
-        if cancelled is not None:
-            raise cancelled
-
     async def _teardown(self, session: Any, commit: bool, exc: BaseException | None) -> None:
         manager = self.manager
+        self._teardown_task = current_task()
         if session._ts_depth:
             # Another task is inside an operation on this session (the scope is
             # already closed to new ones): let it finish before closing under it.
@@ -333,7 +319,7 @@ class Scope:
             await close_streams(self)
         if commit:
             try:
-                await AsyncSession.commit(session)
+                await session._ts_base.commit(session)
             except BaseException as error:
                 manager._count_end(self, "rollback")
                 await self._close_quietly(session, error)
@@ -361,7 +347,7 @@ class Scope:
         """
         held = held_connections(session.sync_session)
         try:
-            await AsyncSession.close(session)
+            await session._ts_base.close(session)
         except BaseException as failure:
             self.manager._count_teardown_failure()
             await greenlet_spawn(_discard, held)

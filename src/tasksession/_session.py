@@ -20,7 +20,6 @@ and keeps every method the user added.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -31,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 from sqlalchemy.orm import Session
 
 from . import _guard, _loading, _streams
+from ._completion import run_to_completion
 from ._errors import PoolExhaustedError, ReadOnlyScopeError
 
 __all__ = [
@@ -214,18 +214,7 @@ def _make_aexit(base: type[AsyncSession]) -> Callable[..., Coroutine[Any, Any, N
         # leaves the block, and run the unguarded close in the helper task.
         self._ts_enter("close")
         try:
-            task = asyncio.get_running_loop().create_task(base_close(self))
-            cancelled: BaseException | None = None
-            while True:
-                try:
-                    await asyncio.shield(task)
-                    break
-                except asyncio.CancelledError as error:
-                    if task.done():
-                        raise
-                    cancelled = error
-            if cancelled is not None:
-                raise cancelled
+            await run_to_completion(base_close(self))
         finally:
             _guard.leave(self)
 
@@ -319,6 +308,9 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         "_ts_enter": _ENTER[guard_mode],
+        # The user's class: teardown calls its commit()/close() (overrides
+        # included) past the guard.
+        "_ts_base": base,
         "_ts_check_sync": _CHECK_SYNC[guard_mode],
         "begin": _begin,
         "begin_nested": _begin_nested,

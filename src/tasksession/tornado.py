@@ -430,6 +430,7 @@ class WebSocketSessionMixin(websocket.WebSocketHandler):
     comes from :attr:`session_manager` or the ``session_manager`` application setting.
     """
 
+    #: The :class:`SessionManager` to use; ``None``: the ``session_manager`` application setting.
     session_manager: ClassVar[SessionManager | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
