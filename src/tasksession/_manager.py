@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -67,6 +68,9 @@ class SessionManager:
         self._current: ContextVar[Scope | None] = ContextVar(f"tasksession.scope.{self._id}")
         self._wrote_at: ContextVar[float] = ContextVar(f"tasksession.wrote_at.{self._id}")
         self._binding: Binding | None = None
+        # The loop and thread scopes last ran on (a fast path for finding the task).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = -1
         self._retired: list[Binding] = []
         self._open_scopes: dict[Scope, None] = {}  # insertion-ordered set
         self._replica_turn = itertools.count()

@@ -264,6 +264,7 @@ def _make_getattr(base: type[AsyncSession]) -> Callable[[Any, str], Any]:
             del state["_ts_building"]
         # Lets sync-level event handlers find the scope without a lookup.
         self.sync_session._ts_scope = scope
+        scope._session_built()
         return getattr(self, name)
 
     return __getattr__
@@ -296,6 +297,8 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         return cls
     namespace: dict[str, Any] = {
         # Guard state lives on the class until an operation first changes it.
+        # A slot, so that an untouched session never allocates its __dict__.
+        "__slots__": ("_ts_scope",),
         "_ts_busy_task": None,
         "_ts_busy_operation": "",
         "_ts_depth": 0,
