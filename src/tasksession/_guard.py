@@ -46,7 +46,13 @@ __all__ = [
     "enter_concurrent",
     "enter_off",
     "enter_strict",
+    "calling_task",
+    "conflict",
+    "current_task_of",
+    "get_ident",
     "leave",
+    "refuse_closed",
+    "wake_teardown",
 ]
 
 GUARD_MODES = ("concurrent", "strict", "off")
@@ -54,7 +60,7 @@ GUARD_MODES = ("concurrent", "strict", "off")
 logger = logging.getLogger("tasksession")
 
 _current_task_of = current_task_of
-_get_ident = threading.get_ident
+_get_ident = get_ident = threading.get_ident
 # Frames from these packages are plumbing; locations point at the user's code.
 _PLUMBING = (
     "/tasksession/",
@@ -79,7 +85,7 @@ def _bind_loop(self: Any, operation: str) -> asyncio.AbstractEventLoop:
     return loop
 
 
-def _calling_task(self: Any, operation: str) -> asyncio.Task[Any]:
+def calling_task(self: Any, operation: str) -> asyncio.Task[Any]:
     # Asking the loop we know for its running task avoids get_running_loop(),
     # which costs a getpid() system call on CPython; the thread check replaces it.
     loop = self._ts_loop
@@ -93,7 +99,7 @@ def _calling_task(self: Any, operation: str) -> asyncio.Task[Any]:
     return task
 
 
-def _refuse_closed(self: Any, operation: str) -> None:
+def refuse_closed(self: Any, operation: str) -> None:
     """The scope has ended: refuse ``operation``, unless its own teardown calls it.
 
     The teardown calls the user's ``session_class`` commit()/close(), which may
@@ -108,7 +114,7 @@ def _refuse_closed(self: Any, operation: str) -> None:
 def enter_off(self: Any, operation: str) -> None:
     """Start ``operation`` with the guard off: only refuse a closed scope."""
     if self._ts_scope.closed:
-        _refuse_closed(self, operation)
+        refuse_closed(self, operation)
     self._ts_depth += 1
 
 
@@ -116,7 +122,7 @@ def enter_concurrent(self: Any, operation: str) -> None:
     """Start ``operation``; refuse it if another task is inside an operation."""
     scope = self._ts_scope
     if scope.closed:
-        _refuse_closed(self, operation)
+        refuse_closed(self, operation)
     # _calling_task() inlined: this runs on every operation.
     loop = self._ts_loop
     if loop is None:
@@ -129,7 +135,7 @@ def enter_concurrent(self: Any, operation: str) -> None:
         self._ts_busy_task = task
         self._ts_busy_operation = operation
     elif busy is not task:
-        raise conflict(self, _calling_task(self, operation), operation, strict=False)
+        raise conflict(self, calling_task(self, operation), operation, strict=False)
     self._ts_depth += 1
 
 
@@ -137,8 +143,8 @@ def enter_strict(self: Any, operation: str) -> None:
     """Start ``operation``; refuse it unless the scope's owner task calls."""
     scope = self._ts_scope
     if scope.closed:
-        _refuse_closed(self, operation)
-    task = _calling_task(self, operation)
+        refuse_closed(self, operation)
+    task = calling_task(self, operation)
     if task is not scope.owner and task is not scope._teardown_task:
         raise conflict(self, task, operation, strict=True)
     self._ts_busy_task = task
@@ -152,16 +158,21 @@ def leave(self: Any) -> None:
     self._ts_depth = depth
     if depth == 0:
         self._ts_busy_task = None
-        waiter = self._ts_idle_waiter
-        if waiter is not None:
-            self._ts_idle_waiter = None
-            waiter.set()
+        if self._ts_idle_waiter is not None:
+            wake_teardown(self)
+
+
+def wake_teardown(self: Any) -> None:
+    """Wake the scope teardown waiting for this session's operations to end."""
+    waiter = self._ts_idle_waiter
+    self._ts_idle_waiter = None
+    waiter.set()
 
 
 def _check_sync_common(self: Any, operation: str) -> None:
     scope = self._ts_scope
     if scope.closed:
-        _refuse_closed(self, operation)
+        refuse_closed(self, operation)
     if _get_ident() != self._ts_thread:
         if self._ts_loop is not None or get_running_loop_or_none() is None:
             raise CrossThreadError(f"{operation}()")
@@ -182,14 +193,14 @@ def check_sync_concurrent(self: Any, operation: str) -> None:
     # _check_sync_common() inlined: this runs on every add().
     scope = self._ts_scope
     if scope.closed:
-        _refuse_closed(self, operation)
+        refuse_closed(self, operation)
     if _get_ident() != self._ts_thread:
         if self._ts_loop is not None or get_running_loop_or_none() is None:
             raise CrossThreadError(f"{operation}()")
         _bind_loop(self, operation)
     busy = self._ts_busy_task
     if busy is not None:
-        task = _calling_task(self, operation)
+        task = calling_task(self, operation)
         if busy is not task:
             raise conflict(self, task, operation, strict=False)
 
@@ -197,7 +208,7 @@ def check_sync_concurrent(self: Any, operation: str) -> None:
 def check_sync_strict(self: Any, operation: str) -> None:
     """Check a synchronous mutator under ``"strict"``: only the scope's owner may call it."""
     _check_sync_common(self, operation)
-    task = _calling_task(self, operation)
+    task = calling_task(self, operation)
     scope = self._ts_scope
     if task is not scope.owner and task is not scope._teardown_task:
         raise conflict(self, task, operation, strict=True)
