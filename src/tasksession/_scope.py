@@ -311,9 +311,18 @@ class Scope:
             sync.close()
             manager._count_end(self, None)
             return
-        await run_to_completion(self._teardown(session, commit, exc))
-        if commit and self.binding is not None and self.binding.replica_engines:
-            manager._note_write()
+        if commit:
+            # A COMMIT cut off after it was sent leaves the outcome unknown: run it
+            # where no cancellation, anyio's or Task.cancel(), can reach it.
+            await run_to_completion(self._teardown(session, True, exc))
+            if self.binding is not None and self.binding.replica_engines:
+                manager._note_write()
+        else:
+            # A ROLLBACK needs no such care: if a Task.cancel() cuts it off, the
+            # connection is invalidated and the server rolls back. Shielding it
+            # from anyio is enough, and cheaper than a task of its own.
+            with anyio.CancelScope(shield=True):
+                await self._teardown(session, False, exc)
 
     async def _teardown(self, session: Any, commit: bool, exc: BaseException | None) -> None:
         manager = self.manager
@@ -358,6 +367,12 @@ class Scope:
         held = held_connections(session.sync_session)
         try:
             await session._ts_base.close(session)
+        except asyncio.CancelledError:
+            # A Task.cancel() cut the ROLLBACK short (anyio's are shielded off):
+            # discard the connections (the server rolls back when they close)
+            # and let the cancellation go on; a cancellation is never swallowed.
+            await greenlet_spawn(_discard, held)
+            raise
         except BaseException as failure:
             self.manager._count_teardown_failure()
             await greenlet_spawn(_discard, held)
