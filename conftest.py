@@ -8,6 +8,7 @@ stopped at its end, else PostgreSQL tests are skipped with the reason (or fail u
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 
@@ -36,3 +37,14 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def postgres_url(postgres_server: PostgresServer) -> str:
     return postgres_server.url
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Collect garbage after every test, so that a resource one leaks is reported there.
+
+    Without it, a connection a test forgot to close may only be found when the
+    whole run ends, attributed to no test at all.
+    """
+    yield
+    gc.collect()

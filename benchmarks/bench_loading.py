@@ -19,7 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tasksession import SessionManager, _loading
 
 from ._db import postgres_url
-from ._harness import Args, Target, Variant, throughput
+from ._harness import FINE, Args, Target, Variant, throughput
 
 ROWS = 1_000
 BATCH = 100
@@ -72,8 +72,8 @@ async def compare(db: SessionManager, args: Args, title: str) -> None:
     table = await throughput(
         [Variant("without protection", unprotected), Variant("with protection", protected)],
         reference="without protection",
-        rounds=args.rounds,
-        seconds=args.seconds,
+        rounds=args.rounds * FINE,
+        seconds=args.seconds / FINE,
     )
     want(True)
     assert _loading.is_protected(Item.__mapper__)

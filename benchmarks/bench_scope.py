@@ -20,9 +20,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tasksession import SessionManager
 
 from ._db import postgres_url
-from ._harness import Args, Target, Variant, micro, throughput
+from ._harness import FINE, Args, Target, Variant, micro, throughput
 
 ROWS = 10_000
+#: perf-anchors.md, "baseline: await of an empty coroutine" on the anchor box.
+ANCHOR_EMPTY_AWAIT_US = 0.088
 
 
 class Base(DeclarativeBase):
@@ -65,10 +67,19 @@ async def main(args: Args) -> None:
                 number=5_000 if args.quick else 20_000,
                 repeats=args.rounds,
             )
-            table.print(
-                "1. scope enter+exit, session never touched",
-                targets={"db.scope(), untouched": Target("us", "<=", 2.0)},
+            # The 2 µs target was set on the anchor box (perf-anchors.md), where an
+            # empty await costs 0.088 µs; this machine's speed moves minute to
+            # minute, so the paired ratio to an empty await, measured in the same
+            # rounds, is what carries over: anchor µs = ratio x 0.088.
+            untouched = table.row("db.scope(), untouched")
+            assert untouched.ratio is not None
+            anchor_us = untouched.ratio * ANCHOR_EMPTY_AWAIT_US
+            met = "MET" if anchor_us <= 2.0 else "MISSED"
+            table.notes.append(
+                f"on the anchor box: {untouched.ratio:.1f} empty awaits x "
+                f"{ANCHOR_EMPTY_AWAIT_US} µs = {anchor_us:.2f} µs -> {met} (target <= 2 µs)"
             )
+            table.print("1. scope enter+exit, session never touched")
 
             async def hand_written_no_io() -> None:
                 async with AsyncSession(engine):
@@ -108,8 +119,8 @@ async def main(args: Args) -> None:
                     Variant("db.scope() get", scope_get),
                 ],
                 reference="hand-written AsyncSession get",
-                rounds=args.rounds,
-                seconds=args.seconds,
+                rounds=args.rounds * FINE,
+                seconds=args.seconds / FINE,
             )
             table.print(
                 "3. one PK get per unit of work (sequential)",
