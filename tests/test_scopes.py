@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -293,6 +294,24 @@ async def test_session_used_after_its_scope_raises_scope_closed_error(db: Sessio
     assert "execute()" in str(caught.value)
     with pytest.raises(ScopeClosedError):
         session.add(User(name="late"))
+    assert 0 == checked_out(db)
+
+
+@pytest.mark.parametrize("ending", ["readonly", "error"])
+async def test_session_used_after_a_rolled_back_scope_raises_scope_closed_error(
+    db: SessionManager, ending: str
+) -> None:
+    # The rollback teardown runs in the owner task itself: it must not leave
+    # that task able to reopen the session afterwards.
+    with pytest.raises(LookupError) if ending == "error" else contextlib.nullcontext():
+        async with db.scope(readonly=ending == "readonly") as session:
+            await session.execute(text("SELECT 1"))
+            if ending == "error":
+                raise LookupError
+    with pytest.raises(ScopeClosedError):
+        await session.execute(text("SELECT 1"))
+    with pytest.raises(ScopeClosedError):
+        session.expire_all()
     assert 0 == checked_out(db)
 
 

@@ -329,36 +329,41 @@ class Scope:
 
     async def _teardown(self, session: Any, commit: bool, exc: BaseException | None) -> None:
         manager = self.manager
+        # The user's commit()/close() overrides may use the session: the guard lets
+        # this task do so while, and only while, the teardown runs.
         self._teardown_task = current_task()
-        if session._ts_depth:
-            # Another task is inside an operation on this session (the scope is
-            # already closed to new ones): let it finish before closing under it.
-            waiter = anyio.Event()
-            session._ts_idle_waiter = waiter
-            await waiter.wait()
-        if self._streams is not None:
-            # Before the commit or rollback returns the connection they read from.
-            await close_streams(self)
-        if commit:
-            try:
-                await session._ts_base.commit(session)
-            except BaseException as error:
+        try:
+            if session._ts_depth:
+                # Another task is inside an operation on this session (the scope is
+                # already closed to new ones): let it finish before closing under it.
+                waiter = anyio.Event()
+                session._ts_idle_waiter = waiter
+                await waiter.wait()
+            if self._streams is not None:
+                # Before the commit or rollback returns the connection they read from.
+                await close_streams(self)
+            if commit:
+                try:
+                    await session._ts_base.commit(session)
+                except BaseException as error:
+                    manager._count_end(self, "rollback")
+                    await self._close_quietly(session, error)
+                    raise
+                manager._count_end(self, "commit")
+            else:
                 manager._count_end(self, "rollback")
-                await self._close_quietly(session, error)
-                raise
-            manager._count_end(self, "commit")
-        else:
-            manager._count_end(self, "rollback")
-        if exc is not None:
-            await self._close_quietly(session, exc)
-            if has_orphans(session.bind):
-                # A cancellation cut a statement off mid-flight: stop it on the server.
-                await cancel_orphans(session.bind)
-        elif session.sync_session.in_transaction():
-            await self._close_quietly(session, None)
-        else:
-            # Committed: the connection is back in the pool; closing does no I/O.
-            session.sync_session.close()
+            if exc is not None:
+                await self._close_quietly(session, exc)
+                if has_orphans(session.bind):
+                    # A cancellation cut a statement off mid-flight: stop it on the server.
+                    await cancel_orphans(session.bind)
+            elif session.sync_session.in_transaction():
+                await self._close_quietly(session, None)
+            else:
+                # Committed: the connection is back in the pool; closing does no I/O.
+                session.sync_session.close()
+        finally:
+            self._teardown_task = None
 
     async def _close_quietly(self, session: Any, original: BaseException | None) -> None:
         """Roll back and close; if that fails, discard the connections anyway.
