@@ -278,6 +278,45 @@ def test_scope_works_on_the_asyncio_backend_with_plain_asyncio_run(tmp_path: Pat
     assert 42 == asyncio.run(main())
 
 
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_scopes_work_on_uvloop(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    pytest.importorskip("uvloop", reason="uvloop is not available on this platform")
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path}/a.db"
+        if backend == "sqlite"
+        else str(request.getfixturevalue("postgres_url"))
+    )
+
+    async def main() -> tuple[list[str], int]:
+        import uvloop
+
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        async with SessionManager(url) as db:
+            await reset_tables(db.engine)
+            async with db.scope() as session:
+                session.add(User(name="ada"))
+            with pytest.raises(LookupError):
+                async with db.scope() as session:
+                    session.add(User(name="bob"))
+                    await session.flush()
+                    raise LookupError
+            with anyio.CancelScope() as cancel_scope:
+                async with db.scope() as session:
+                    session.add(User(name="cy"))
+                    cancel_scope.cancel()
+                    await anyio.sleep_forever()
+            async with db.scope() as session:
+                names = list((await session.scalars(select(User.name))).all())
+            return names, checked_out(db)
+
+    names, still_checked_out = anyio.run(
+        main, backend="asyncio", backend_options={"use_uvloop": True}
+    )
+    assert (["ada"], 0) == (names, still_checked_out)
+
+
 # -- the pool ----------------------------------------------------------------------------
 
 
