@@ -249,6 +249,24 @@ async def assert_all_clean(db: SessionManager, admin: AsyncEngine) -> None:
     assert [] == [str(w.message) for w in caught]
 
 
+async def cancel_mid_statement(
+    db: SessionManager,
+    admin: AsyncEngine,
+    kind: str,
+    body: Callable[[], Awaitable[None]],
+    *,
+    unit: str,
+) -> None:
+    """Cancel ``body`` while its ``pg_sleep(30)`` runs; check nothing is left and nothing landed."""
+    victim = Victim(kind, body)
+    await wait_for_backend(admin, "active", "SELECT pg_sleep(30)")
+    await victim.cancel(db)
+    outcome = await victim.outcome()
+    assert_cancelled(victim, outcome)
+    await assert_all_clean(db, admin)
+    assert 0 == await unit_rows(admin, unit)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_cancel_while_waiting_for_a_connection(
     victim_db: SessionManager, admin: AsyncEngine, kind: str
@@ -290,13 +308,7 @@ async def test_cancel_mid_statement_stops_the_statement_on_the_server(
             await session.flush()
             await session.execute(text("SELECT pg_sleep(30)"))
 
-    victim = Victim(kind, body)
-    await wait_for_backend(admin, "active", "SELECT pg_sleep(30)")
-    await victim.cancel(victim_db)
-    outcome = await victim.outcome()
-    assert_cancelled(victim, outcome)
-    await assert_all_clean(victim_db, admin)
-    assert 0 == await unit_rows(admin, "statement")
+    await cancel_mid_statement(victim_db, admin, kind, body, unit="statement")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -448,13 +460,7 @@ async def test_cancel_mid_statement_in_a_savepoint_scope(
                 await inner.flush()
                 await inner.execute(text("SELECT pg_sleep(30)"))
 
-    victim = Victim(kind, body)
-    await wait_for_backend(admin, "active", "SELECT pg_sleep(30)")
-    await victim.cancel(victim_db)
-    outcome = await victim.outcome()
-    assert_cancelled(victim, outcome)
-    await assert_all_clean(victim_db, admin)
-    assert 0 == await unit_rows(admin, "savepoint")
+    await cancel_mid_statement(victim_db, admin, kind, body, unit="savepoint")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -471,10 +477,4 @@ async def test_cancel_a_task_group_whose_child_is_mid_statement(
         async with victim_db.task_group() as tg:
             tg.start_soon(child)
 
-    victim = Victim(kind, body)
-    await wait_for_backend(admin, "active", "SELECT pg_sleep(30)")
-    await victim.cancel(victim_db)
-    outcome = await victim.outcome()
-    assert_cancelled(victim, outcome)
-    await assert_all_clean(victim_db, admin)
-    assert 0 == await unit_rows(admin, "group")
+    await cancel_mid_statement(victim_db, admin, kind, body, unit="group")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
@@ -34,6 +35,8 @@ from ._task_group import SessionTaskGroup
 from ._transactional import transactional
 
 __all__ = ["SessionManager"]
+
+_get_ident = threading.get_ident
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -260,7 +263,9 @@ class SessionManager:
         scope = self._current.get(None)
         if scope is None:
             raise NoScopeError(self._label)
-        if get_running_loop_or_none() is None:
+        # Checking the loop costs a getpid() system call on CPython 3.11: do it
+        # only off the thread scopes last ran on (a worker thread, usually).
+        if _get_ident() != self._thread and get_running_loop_or_none() is None:
             raise CrossThreadError(f"{self._label}.session")
         if scope.closed:
             raise ScopeClosedError(scope.name, f"{self._label}.session")
