@@ -65,6 +65,9 @@ async def guard_alone(url: str, args: Args) -> None:
     }
     scopes = {mode: manager.scope() for mode, manager in managers.items()}
     sessions = {mode: await scope.__aenter__() for mode, scope in scopes.items()}
+    for session in sessions.values():
+        # Build them (what the first real operation does): the steady state is timed.
+        session.sync_session  # noqa: B018
     try:
         plain = sessions["concurrent"]
         unwrapped_execute = NoIOSession.execute

@@ -66,7 +66,7 @@ def test_every_guarded_name_is_wrapped_in_the_generated_class(mode: str) -> None
     not_wrapped = [
         name
         for name in guarded
-        if name not in cls.__dict__ or cls.__dict__[name] is AsyncSession.__dict__.get(name)
+        if inspect.getattr_static(cls, name) is AsyncSession.__dict__.get(name)
     ]
 
     assert [] == not_wrapped
@@ -79,7 +79,7 @@ def test_a_user_subclass_gets_its_own_overrides_wrapped() -> None:
 
     cls = session_class_for(MySession, "concurrent")
 
-    assert MySession.execute is cls.__dict__["execute"].__wrapped__
+    assert MySession.execute is inspect.getattr_static(cls, "execute").__wrapped__
     assert issubclass(cls, MySession)
 
 

@@ -313,11 +313,11 @@ def create_binding(
             return Binding(
                 engine=primary,
                 write_engine=_write_engine(primary),
-                readonly_engine=readonly.execution_options(tasksession_readonly=True),
+                # These pools serve readonly scopes only, in AUTOCOMMIT: no option
+                # view on top (each one costs a little on every connection).
+                readonly_engine=readonly,
                 replica_engines=replicas,
-                replica_readonly_engines=tuple(
-                    e.execution_options(tasksession_readonly=True) for e in replicas
-                ),
+                replica_readonly_engines=replicas,
                 owns_engines=True,
                 options=options,
                 session_class=session_class_for(options.session_class, options.guard),

@@ -1,10 +1,17 @@
 """The guard: who may use a scope's session, and when.
 
-A scope's session records which task is inside one of its operations (and how
-deeply, for same-task reentrancy). Every guarded operation calls
-:func:`enter_*` before it does anything and :func:`leave` when it is done, in
-the shape of trio's ``ConflictDetector``: a couple of attribute reads and
-writes, no locks, no allocation, no stack inspection on the happy path.
+A scope's session records which task is inside one of its operations. Every
+guarded operation calls :func:`enter_*` before it does anything and
+:func:`leave` when it is done, in the shape of trio's ``ConflictDetector``: a
+couple of slot reads and writes, no locks, no allocation, no stack inspection
+on the happy path. A same-task reentrant call (an operation that calls another)
+passes through; the outermost call releases the session.
+
+The session is tied to the loop and thread of the task that entered its scope
+(``_ts_loop``, ``_ts_thread``, set by the scope). When the scope ends,
+``_ts_thread`` becomes :data:`CLOSED`, so a single thread check on the hot
+path catches both a closed scope and a call from another thread; the slow path
+(:func:`blocked`) tells them apart.
 
 Modes (``SessionManager(guard=...)``):
 
@@ -15,7 +22,7 @@ Modes (``SessionManager(guard=...)``):
 ``"strict"``
     Only the task that opened the scope may use the session.
 ``"off"``
-    No task checks; the scope-closed check stays (it costs one attribute read).
+    No task checks; a closed scope and another thread are still refused.
 
 The functions take the session as ``self`` because they become methods of the
 session classes built in :mod:`tasksession._session`.
@@ -39,7 +46,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BY_MODE",
+    "CLOSED",
     "GUARD_MODES",
+    "blocked",
     "check_sync_concurrent",
     "check_sync_off",
     "check_sync_strict",
@@ -51,6 +60,8 @@ __all__ = [
     "current_task_of",
     "get_ident",
     "leave",
+    "leave_off",
+    "in_operation",
     "refuse_closed",
     "wake_teardown",
 ]
@@ -73,27 +84,33 @@ _PLUMBING = (
 )
 
 
-def _bind_loop(self: Any, operation: str) -> asyncio.AbstractEventLoop:
-    """Remember the loop and thread of the session's first use (the slow path, once)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        # No running loop in this thread: called from a worker thread.
-        raise CrossThreadError(f"{operation}()") from None
-    self._ts_thread = _get_ident()
-    self._ts_loop = loop
-    return loop
+#: ``session._ts_thread`` once the scope has ended: no thread has this ident, so
+#: the hot path's thread check fails and the slow path says why.
+CLOSED = 0
+
+
+def blocked(self: Any, operation: str) -> asyncio.Task[Any]:
+    """The slow path when the calling thread is not the session's.
+
+    Either the scope has ended (refused, unless its own teardown task calls:
+    then that task is returned), or the caller runs in another thread.
+    """
+    if self._ts_scope.closed:
+        refuse_closed(self, operation)
+        task = current_task()
+        assert task is not None  # refuse_closed() let only the teardown task through
+        return task
+    raise CrossThreadError(f"{operation}()")
 
 
 def calling_task(self: Any, operation: str) -> asyncio.Task[Any]:
+    """The task calling ``operation``; raises if the scope ended or from another thread."""
     # Asking the loop we know for its running task avoids get_running_loop(),
-    # which costs a getpid() system call on CPython; the thread check replaces it.
-    loop = self._ts_loop
-    if loop is None:
-        loop = _bind_loop(self, operation)
-    elif _get_ident() != self._ts_thread:
-        raise CrossThreadError(f"{operation}()")
-    task = _current_task_of(loop)
+    # which costs a getpid() system call on CPython 3.11; the thread check
+    # makes that safe.
+    if _get_ident() != self._ts_thread:
+        return blocked(self, operation)
+    task = _current_task_of(self._ts_loop)
     if task is None:  # pragma: no cover - a loop callback, not a task
         raise CrossThreadError(f"{operation}()")
     return task
@@ -111,77 +128,83 @@ def refuse_closed(self: Any, operation: str) -> None:
         raise ScopeClosedError(scope.name, operation)
 
 
-def enter_off(self: Any, operation: str) -> None:
-    """Start ``operation`` with the guard off: only refuse a closed scope."""
-    if self._ts_scope.closed:
-        refuse_closed(self, operation)
-    self._ts_depth += 1
+# Entering an operation returns whether this call took the session (and so
+# must release it in leave()); a same-task reentrant call does not. No depth
+# counter: the flag lives in the caller's frame, which costs nothing.
 
 
-def enter_concurrent(self: Any, operation: str) -> None:
+def enter_off(self: Any, operation: str) -> bool:
+    """Start ``operation`` with the guard off: refuse only a closed scope or another thread.
+
+    Tasks may overlap, so the operations in flight are counted (the scope's
+    teardown waits for them to end).
+    """
+    if _get_ident() != self._ts_thread:
+        blocked(self, operation)
+    self._ts_in_flight += 1
+    return True
+
+
+def leave_off(self: Any, owned: bool) -> None:
+    """Finish an operation started by :func:`enter_off`."""
+    count = self._ts_in_flight - 1
+    self._ts_in_flight = count
+    if count == 0 and self._ts_thread == CLOSED:
+        wake_teardown(self)
+
+
+def in_operation(session: Any) -> bool:
+    """Whether a task is inside an operation on ``session`` (any guard mode)."""
+    return session._ts_busy_task is not None or session._ts_in_flight != 0
+
+
+def enter_concurrent(self: Any, operation: str) -> bool:
     """Start ``operation``; refuse it if another task is inside an operation."""
-    scope = self._ts_scope
-    if scope.closed:
-        refuse_closed(self, operation)
-    # _calling_task() inlined: this runs on every operation.
-    loop = self._ts_loop
-    if loop is None:
-        loop = _bind_loop(self, operation)
-    elif _get_ident() != self._ts_thread:
-        raise CrossThreadError(f"{operation}()")
-    task = _current_task_of(loop)
+    task = calling_task(self, operation)
     busy = self._ts_busy_task
     if busy is None:
         self._ts_busy_task = task
         self._ts_busy_operation = operation
-    elif busy is not task:
-        raise conflict(self, calling_task(self, operation), operation, strict=False)
-    self._ts_depth += 1
+        return True
+    if busy is not task:
+        raise conflict(self, task, operation, strict=False)
+    return False
 
 
-def enter_strict(self: Any, operation: str) -> None:
+def enter_strict(self: Any, operation: str) -> bool:
     """Start ``operation``; refuse it unless the scope's owner task calls."""
-    scope = self._ts_scope
-    if scope.closed:
-        refuse_closed(self, operation)
     task = calling_task(self, operation)
+    scope = self._ts_scope
     if task is not scope.owner and task is not scope._teardown_task:
         raise conflict(self, task, operation, strict=True)
-    self._ts_busy_task = task
-    self._ts_busy_operation = operation
-    self._ts_depth += 1
+    if self._ts_busy_task is None:
+        self._ts_busy_task = task
+        self._ts_busy_operation = operation
+        return True
+    return False
 
 
-def leave(self: Any) -> None:
-    """Finish the innermost operation; wake a teardown waiting for the session."""
-    depth = self._ts_depth - 1
-    self._ts_depth = depth
-    if depth == 0:
+def leave(self: Any, owned: bool) -> None:
+    """Finish an operation; if it took the session, release it (and wake a waiting teardown)."""
+    if owned:
         self._ts_busy_task = None
-        if self._ts_idle_waiter is not None:
+        if self._ts_thread == CLOSED:
             wake_teardown(self)
 
 
 def wake_teardown(self: Any) -> None:
-    """Wake the scope teardown waiting for this session's operations to end."""
-    waiter = self._ts_idle_waiter
-    self._ts_idle_waiter = None
-    waiter.set()
-
-
-def _check_sync_common(self: Any, operation: str) -> None:
+    """Wake the scope teardown waiting for this session's operations to end, if one is."""
     scope = self._ts_scope
-    if scope.closed:
-        refuse_closed(self, operation)
-    if _get_ident() != self._ts_thread:
-        if self._ts_loop is not None or get_running_loop_or_none() is None:
-            raise CrossThreadError(f"{operation}()")
-        _bind_loop(self, operation)
+    waiter = scope._idle_waiter
+    if waiter is not None:
+        scope._idle_waiter = None
+        waiter.set()
 
 
 def check_sync_off(self: Any, operation: str) -> None:
     """Check a synchronous mutator with the guard off: closed scope and thread only."""
-    _check_sync_common(self, operation)
+    if _get_ident() != self._ts_thread:
+        blocked(self, operation)
 
 
 def check_sync_concurrent(self: Any, operation: str) -> None:
@@ -190,35 +213,30 @@ def check_sync_concurrent(self: Any, operation: str) -> None:
     It does no I/O itself, so it only has to stay out of another task's
     in-flight operation.
     """
-    # _check_sync_common() inlined: this runs on every add().
-    scope = self._ts_scope
-    if scope.closed:
-        refuse_closed(self, operation)
     if _get_ident() != self._ts_thread:
-        if self._ts_loop is not None or get_running_loop_or_none() is None:
-            raise CrossThreadError(f"{operation}()")
-        _bind_loop(self, operation)
-    busy = self._ts_busy_task
-    if busy is not None:
+        task = blocked(self, operation)
+    elif self._ts_busy_task is None:
+        return
+    else:
         task = calling_task(self, operation)
-        if busy is not task:
-            raise conflict(self, task, operation, strict=False)
+    busy = self._ts_busy_task
+    if busy is not None and busy is not task:
+        raise conflict(self, task, operation, strict=False)
 
 
 def check_sync_strict(self: Any, operation: str) -> None:
     """Check a synchronous mutator under ``"strict"``: only the scope's owner may call it."""
-    _check_sync_common(self, operation)
     task = calling_task(self, operation)
     scope = self._ts_scope
     if task is not scope.owner and task is not scope._teardown_task:
         raise conflict(self, task, operation, strict=True)
 
 
-#: guard mode -> (enter a coroutine operation, check a synchronous mutator)
+#: guard mode -> (enter a coroutine operation, leave it, check a synchronous mutator)
 BY_MODE = {
-    "concurrent": (enter_concurrent, check_sync_concurrent),
-    "strict": (enter_strict, check_sync_strict),
-    "off": (enter_off, check_sync_off),
+    "concurrent": (enter_concurrent, leave, check_sync_concurrent),
+    "strict": (enter_strict, leave, check_sync_strict),
+    "off": (enter_off, leave_off, check_sync_off),
 }
 
 

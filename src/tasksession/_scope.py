@@ -39,8 +39,14 @@ from sqlalchemy.util import greenlet_spawn
 from ._compat import current_task, current_task_of
 from ._completion import run_to_completion
 from ._errors import CrossThreadError, ReadOnlyScopeError, UnsupportedBackendError
+from ._guard import CLOSED, in_operation
 from ._interrupt import cancel_orphans, has_orphans
 from ._session import is_materialized
+from ._shortcuts import (
+    closes_without_io,
+    commit_connections_and_close,
+    commits_like_its_connections,
+)
 from ._streams import close_streams
 
 if TYPE_CHECKING:
@@ -58,6 +64,7 @@ _getframe = sys._getframe
 _get_ident = threading.get_ident
 _current_task_of = current_task_of
 _new = object.__new__
+_async_commit = AsyncSession.commit
 
 
 def running_task(what: str) -> asyncio.Task[Any]:
@@ -121,6 +128,7 @@ class Scope:
     _nested: Any = None
     _built = False  # True once the session was built (see _session_built)
     _teardown_task: asyncio.Task[Any] | None = None  # may still use the ended scope's session
+    _idle_waiter: anyio.Event | None = None  # the teardown, waiting for an operation to end
     _streams: list[Any] | None = None  # stream() results to close at exit (_streams.py)
 
     def __init__(
@@ -207,7 +215,7 @@ class Scope:
             return False
         sync = session.sync_session
         return bool(
-            session._ts_depth or sync.in_transaction() or sync.new or sync.deleted or sync.dirty
+            in_operation(session) or sync.in_transaction() or sync.new or sync.deleted or sync.dirty
         )
 
     # -- entering ---------------------------------------------------------------
@@ -243,6 +251,10 @@ class Scope:
         # The session object now, SQLAlchemy's work on first use (see _session).
         session: Any = _new(binding.session_class)
         session._ts_scope = self
+        # The guard's state (see _guard): this task's loop and thread, nobody inside.
+        session._ts_loop = manager._loop
+        session._ts_thread = manager._thread
+        session._ts_busy_task = None
         self.session = session
         self._opened = _monotonic()
         self._token = var.set(self)
@@ -295,6 +307,7 @@ class Scope:
         finally:
             manager._open_scopes.pop(self, None)
         session = self.session
+        session._ts_thread = CLOSED  # the guard refuses the session from now on
         # Unlinking breaks the scope <-> session reference cycle: both are freed
         # by reference counting when the caller drops them, not by the cycle
         # collector (which costs more than the rest of an untouched scope, and
@@ -304,16 +317,18 @@ class Scope:
             return
         commit = exc_type is None and not self.readonly
         sync = session.sync_session
-        if (
-            session._ts_depth == 0
-            and self._streams is None
-            and not sync.in_transaction()
-            and not (commit and (sync.new or sync.deleted or sync.dirty))
-        ):
-            # No transaction and nothing to flush: closing does no I/O.
-            sync.close()
-            manager._count_end(self, None)
-            return
+        if self._streams is None and not in_operation(session):
+            if not sync.in_transaction():
+                if not (commit and (sync.new or sync.deleted or sync.dirty)):
+                    # No transaction and nothing to flush: closing does no I/O.
+                    sync.close()
+                    manager._count_end(self, None)
+                    return
+            elif exc_type is None and self.readonly and closes_without_io(sync):
+                # A read-only unit on the AUTOCOMMIT pool: nothing to roll back.
+                sync.close()
+                manager._count_end(self, "rollback")
+                return
         if commit:
             # A COMMIT cut off after it was sent leaves the outcome unknown: run it
             # where no cancellation, anyio's or Task.cancel(), can reach it.
@@ -331,20 +346,28 @@ class Scope:
         manager = self.manager
         # The user's commit()/close() overrides may use the session: the guard lets
         # this task do so while, and only while, the teardown runs.
-        self._teardown_task = current_task()
+        # (Asked of the session's loop, which this runs on: no getpid() system call.)
+        self._teardown_task = _current_task_of(session._ts_loop)
         try:
-            if session._ts_depth:
+            if in_operation(session):
                 # Another task is inside an operation on this session (the scope is
                 # already closed to new ones): let it finish before closing under it.
                 waiter = anyio.Event()
-                session._ts_idle_waiter = waiter
+                self._idle_waiter = waiter
                 await waiter.wait()
             if self._streams is not None:
                 # Before the commit or rollback returns the connection they read from.
                 await close_streams(self)
             if commit:
+                sync = session.sync_session
                 try:
-                    await session._ts_base.commit(session)
+                    if session._ts_base.commit is _async_commit and commits_like_its_connections(
+                        sync
+                    ):
+                        # Nothing for the ORM to do: commit the connections and close.
+                        await greenlet_spawn(commit_connections_and_close, sync)
+                    else:
+                        await session._ts_base.commit(session)
                 except BaseException as error:
                     manager._count_end(self, "rollback")
                     await self._close_quietly(session, error)

@@ -116,8 +116,9 @@ UNGUARDED = frozenset(
 
 _CLASS_CACHE: dict[tuple[type[AsyncSession], str], type[AsyncSession]] = {}
 
-_ENTER = {mode: enter for mode, (enter, _) in _guard.BY_MODE.items()}
-_CHECK_SYNC = {mode: check for mode, (_, check) in _guard.BY_MODE.items()}
+_ENTER = {mode: enter for mode, (enter, _, _) in _guard.BY_MODE.items()}
+_LEAVE = {mode: leave for mode, (_, leave, _) in _guard.BY_MODE.items()}
+_CHECK_SYNC = {mode: check for mode, (_, _, check) in _guard.BY_MODE.items()}
 
 
 def is_materialized(session: AsyncSession) -> bool:
@@ -135,20 +136,19 @@ def _pool_exhausted(session: Any, error: sa_exc.TimeoutError) -> BaseException:
 def _guard_coroutine(
     name: str,
     method: Callable[..., Coroutine[Any, Any, Any]],
-    enter: Callable[[Any, str], None],
+    enter: Callable[[Any, str], bool],
+    leave: Callable[[Any, bool], None],
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
-    # The hot path: enter and leave are closure cells, not attribute lookups.
-    leave = _guard.leave
-
+    # enter and leave are closure cells, not attribute lookups.
     @functools.wraps(method)
     async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        enter(self, name)
+        owned = enter(self, name)
         try:
             return await method(self, *args, **kwargs)
         except sa_exc.TimeoutError as error:
             raise _pool_exhausted(self, error) from error
         finally:
-            leave(self)
+            leave(self, owned)
 
     return guarded
 
@@ -161,39 +161,67 @@ def _guard_coroutine_concurrent(
     The same steps as the generic wrapper, without two function calls per
     operation: this is the guard's whole cost on every execute/get/flush.
     """
-    refuse_closed = _guard.refuse_closed
-    calling_task = _guard.calling_task
+    blocked = _guard.blocked
     conflict = _guard.conflict
     wake = _guard.wake_teardown
     get_ident = _guard.get_ident
     current_task_of = _guard.current_task_of
+    closed = _guard.CLOSED
 
     @functools.wraps(method)
     async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._ts_scope.closed:
-            refuse_closed(self, name)
+        # One check for both "scope ended" and "another thread" (see _guard).
+        task: Any
         if get_ident() == self._ts_thread:
             task = current_task_of(self._ts_loop)
         else:
-            task = calling_task(self, name)  # first use binds the loop; other threads raise
+            task = blocked(self, name)
         busy = self._ts_busy_task
         if busy is None:
             self._ts_busy_task = task
             self._ts_busy_operation = name
-        elif busy is not task:
-            raise conflict(self, calling_task(self, name), name, strict=False)
-        self._ts_depth += 1
+            try:
+                return await method(self, *args, **kwargs)
+            except sa_exc.TimeoutError as error:
+                raise _pool_exhausted(self, error) from error
+            finally:
+                self._ts_busy_task = None
+                if self._ts_thread == closed:
+                    wake(self)
+        if busy is not task:
+            raise conflict(self, task, name, strict=False)
+        # Same-task reentrancy: the outer call releases the session.
+        try:
+            return await method(self, *args, **kwargs)
+        except sa_exc.TimeoutError as error:
+            raise _pool_exhausted(self, error) from error
+
+    return guarded
+
+
+def _guard_coroutine_off(
+    name: str, method: Callable[..., Coroutine[Any, Any, Any]]
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """:func:`_guard.enter_off` and :func:`_guard.leave_off` inlined."""
+    blocked = _guard.blocked
+    wake = _guard.wake_teardown
+    get_ident = _guard.get_ident
+    closed = _guard.CLOSED
+
+    @functools.wraps(method)
+    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if get_ident() != self._ts_thread:
+            blocked(self, name)
+        self._ts_in_flight += 1
         try:
             return await method(self, *args, **kwargs)
         except sa_exc.TimeoutError as error:
             raise _pool_exhausted(self, error) from error
         finally:
-            depth = self._ts_depth - 1
-            self._ts_depth = depth
-            if depth == 0:
-                self._ts_busy_task = None
-                if self._ts_idle_waiter is not None:
-                    wake(self)
+            count = self._ts_in_flight - 1
+            self._ts_in_flight = count
+            if count == 0 and self._ts_thread == closed:
+                wake(self)
 
     return guarded
 
@@ -216,37 +244,37 @@ class GuardedTransaction(AsyncSessionTransaction):
 
     async def start(self, is_ctxmanager: bool = False) -> AsyncSessionTransaction:
         session: Any = self.session
-        session._ts_enter("begin_nested" if self.nested else "begin")
+        owned = session._ts_enter("begin_nested" if self.nested else "begin")
         try:
             return await super().start(is_ctxmanager)
         except sa_exc.TimeoutError as error:
             raise _pool_exhausted(session, error) from error
         finally:
-            _guard.leave(session)
+            session._ts_leave(owned)
 
     async def commit(self) -> None:
         session: Any = self.session
-        session._ts_enter("commit")
+        owned = session._ts_enter("commit")
         try:
             await super().commit()
         finally:
-            _guard.leave(session)
+            session._ts_leave(owned)
 
     async def rollback(self) -> None:
         session: Any = self.session
-        session._ts_enter("rollback")
+        owned = session._ts_enter("rollback")
         try:
             await super().rollback()
         finally:
-            _guard.leave(session)
+            session._ts_leave(owned)
 
     async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
         session: Any = self.session
-        session._ts_enter("commit" if type_ is None else "rollback")
+        owned = session._ts_enter("commit" if type_ is None else "rollback")
         try:
             await super().__aexit__(type_, value, traceback)
         finally:
-            _guard.leave(session)
+            session._ts_leave(owned)
 
 
 def _make_aexit(base: type[AsyncSession]) -> Callable[..., Coroutine[Any, Any, None]]:
@@ -257,11 +285,11 @@ def _make_aexit(base: type[AsyncSession]) -> Callable[..., Coroutine[Any, Any, N
         # cut the close short; to the guard that task would be a stranger (and,
         # under "strict", not the owner). Enter the guard here, in the task that
         # leaves the block, and run the unguarded close in the helper task.
-        self._ts_enter("close")
+        owned = self._ts_enter("close")
         try:
             await run_to_completion(base_close(self))
         finally:
-            _guard.leave(self)
+            self._ts_leave(owned)
 
     return __aexit__
 
@@ -292,7 +320,7 @@ def _begin_nested(self: Any) -> AsyncSessionTransaction:
     return GuardedTransaction(self, nested=True)
 
 
-def _make_getattr(base: type[AsyncSession]) -> Callable[[Any, str], Any]:
+def _make_getattr(base: type[AsyncSession], built: type[AsyncSession]) -> Callable[[Any, str], Any]:
     base_init = base.__init__
 
     def __getattr__(self: Any, name: str) -> Any:
@@ -307,6 +335,10 @@ def _make_getattr(base: type[AsyncSession]) -> Callable[[Any, str], Any]:
             base_init(self, bind=scope.engine, **scope.binding.session_kwargs)
         finally:
             del state["_ts_building"]
+        # A class with __getattr__ makes every attribute access slower (CPython
+        # cannot specialize them): the built session sheds it, becoming an
+        # instance of the same class without the hook.
+        self.__class__ = built
         # Lets sync-level event handlers find the scope without a lookup.
         self.sync_session._ts_scope = scope
         scope._session_built()
@@ -341,21 +373,17 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
     if cls is not None:
         return cls
     namespace: dict[str, Any] = {
-        # Guard state lives on the class until an operation first changes it.
-        # A slot, so that an untouched session never allocates its __dict__.
-        "__slots__": ("_ts_scope",),
-        "_ts_busy_task": None,
-        "_ts_busy_operation": "",
-        "_ts_depth": 0,
-        "_ts_idle_waiter": None,
-        # The loop and thread of the session's first use (see _guard._bind_loop).
-        "_ts_loop": None,
-        "_ts_thread": 0,
-        "__getattr__": _make_getattr(base),
+        # The guard's state, in slots (the fastest attributes; an untouched
+        # session never allocates its __dict__). The scope sets them all when
+        # it creates the session: its loop and thread, and no task inside.
+        "__slots__": ("_ts_scope", "_ts_loop", "_ts_thread", "_ts_busy_task", "_ts_busy_operation"),
+        # Operations in flight, counted only under guard="off" (tasks may overlap).
+        "_ts_in_flight": 0,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         "_ts_enter": _ENTER[guard_mode],
+        "_ts_leave": _LEAVE[guard_mode],
         # The user's class: teardown calls its commit()/close() (overrides
         # included) past the guard.
         "_ts_base": base,
@@ -372,8 +400,12 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         if method is not None:
             if guard_mode == "concurrent":
                 namespace[name] = _guard_coroutine_concurrent(name, method)
+            elif guard_mode == "off":
+                namespace[name] = _guard_coroutine_off(name, method)
             else:
-                namespace[name] = _guard_coroutine(name, method, _ENTER[guard_mode])
+                namespace[name] = _guard_coroutine(
+                    name, method, _ENTER[guard_mode], _LEAVE[guard_mode]
+                )
     for name in GUARDED_SYNC:
         method = getattr(base, name, None)
         if method is not None and name not in namespace:
@@ -382,6 +414,19 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         # stream_scalars() goes through stream(): both results get registered.
         namespace["stream"] = _streams.tracking(namespace["stream"])
     _loading.install()
-    cls = type(base.__name__, (base,), namespace)
+    built = type(base.__name__, (base,), namespace)
+    # What scopes create: the same class plus the __getattr__ that builds the
+    # session on first use (and then switches the object to ``built``).
+    cls = type(
+        base.__name__,
+        (built,),
+        {
+            "__slots__": (),
+            "__getattr__": _make_getattr(base, built),
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        },
+    )
     _CLASS_CACHE[key] = cls
     return cls

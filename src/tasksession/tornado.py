@@ -258,7 +258,8 @@ class SessionMixin(web.RequestHandler):
         elif self._ts_failed or self.get_status() >= 400:
             reason = f"the response status is {self.get_status()}"
         elif scope.readonly:
-            reason = "the scope is readonly"
+            await self._ts_exit(None)  # a clean exit: readonly scopes never commit
+            return
         else:
             reason = "the work was done after the response had been sent"
             logger.warning(
