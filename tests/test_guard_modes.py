@@ -108,6 +108,28 @@ async def test_off_lets_overlapping_callers_through(pg_db: SessionManager) -> No
     assert [] != outcome.sent_while_refusing
 
 
+async def test_off_teardown_waits_for_every_overlapping_operation(
+    pg_db: SessionManager, make_manager: Any
+) -> None:
+    # Under "off" two tasks can be inside operations at once: the scope's exit
+    # must wait until the last one ended, not the first.
+    unguarded = make_manager(pg_db.engine.url, guard="off")
+    scope = unguarded.scope()
+    session = await scope.__aenter__()
+    with Gate(unguarded.engine, "before_cursor_execute") as gate:
+        gate.arm()
+        held = asyncio.create_task(session.execute(insert(User).values(id=1, name="held")))
+        await gate.reached.wait()
+        await session.execute(insert(User).values(id=2, name="overlapping"))  # ends first
+        exiting = asyncio.create_task(scope.__aexit__(None, None, None))
+        await anyio.wait_all_tasks_blocked()
+        assert not exiting.done()  # still inside: the held statement is in flight
+        gate.open()
+        await held
+        await exiting
+    assert ["held", "overlapping"] == await _names(pg_db)
+
+
 # -- concurrent: what is allowed ---------------------------------------------------
 
 
@@ -162,6 +184,28 @@ async def test_the_guard_releases_the_session_after_a_failed_operation(
         await asyncio.create_task(child())
 
     assert ["child"] == await _names(db)
+
+
+async def test_use_from_another_threads_event_loop_is_refused(db: SessionManager) -> None:
+    # The session belongs to the loop of the task that opened its scope, even
+    # before its first use; a thread running a loop of its own may not use it.
+    async with db.scope() as session:
+
+        def other_loop() -> None:
+            asyncio.run(session.execute(text("SELECT 1")))
+
+        with pytest.raises(CrossThreadError):
+            await anyio.to_thread.run_sync(other_loop)
+
+
+async def test_a_built_session_sheds_the_lazy_hook(db: SessionManager) -> None:
+    # A class with __getattr__ makes every attribute access slow (CPython cannot
+    # specialize it): only the not-yet-built session may have one.
+    async with db.scope() as session:
+        assert hasattr(type(session), "__getattr__")
+        await session.execute(text("SELECT 1"))
+        assert not hasattr(type(session), "__getattr__")
+        assert isinstance(session, AsyncSession)
 
 
 async def test_use_from_a_worker_thread_is_refused(db: SessionManager) -> None:

@@ -18,6 +18,7 @@ from tasksession import (
     ScopeClosedError,
     SessionManager,
 )
+from tasksession._session import is_materialized
 
 from .conftest import checked_out
 from .gate import Gate
@@ -312,6 +313,17 @@ async def test_session_used_after_a_rolled_back_scope_raises_scope_closed_error(
         await session.execute(text("SELECT 1"))
     with pytest.raises(ScopeClosedError):
         session.expire_all()
+    assert 0 == checked_out(db)
+
+
+async def test_an_untouched_session_is_refused_after_its_scope_ended(db: SessionManager) -> None:
+    async with db.scope() as session:
+        pass
+    with pytest.raises(ScopeClosedError):
+        await session.execute(text("SELECT 1"))
+    with pytest.raises(ScopeClosedError):
+        session.add(User(name="late"))
+    assert not is_materialized(session)  # refused before SQLAlchemy built anything
     assert 0 == checked_out(db)
 
 
