@@ -121,7 +121,7 @@ class Scope:
     binding: Binding | None = None
     _kind = _OWN
     _code: CodeType | None = None
-    _lineno = 0
+    _lasti = -1  # the caller's last instruction (byte offset): its line, on demand
     _outer: Scope | None = None
     _token: Any = None
     _opened = 0.0
@@ -154,6 +154,19 @@ class Scope:
         if code is None:
             return "<not entered>"
         return f"{code.co_filename}:{self._lineno} in {code.co_name}"
+
+    @property
+    def _lineno(self) -> int | None:
+        # Worked out only when a diagnostic asks: frame.f_lineno scans the
+        # line table, which costs more than the rest of entering a scope.
+        code = self._code
+        if code is None:
+            return None
+        lasti = self._lasti
+        for start, end, line in code.co_lines():
+            if start <= lasti < end:
+                return line
+        return code.co_firstlineno
 
     @property
     def name(self) -> str:
@@ -233,7 +246,7 @@ class Scope:
             manager._thread = _get_ident()
         caller = _getframe(1)  # the frame running `async with`: where the scope opens
         self._code = caller.f_code
-        self._lineno = caller.f_lineno
+        self._lasti = caller.f_lasti
         binding = manager._binding
         if binding is None:
             binding = manager._require_binding()
@@ -317,14 +330,21 @@ class Scope:
             return
         commit = exc_type is None and not self.readonly
         sync = session.sync_session
-        if self._streams is None and not in_operation(session):
+        if self._streams is None and session._ts_busy_task is None and not session._ts_in_flight:
+            # Nobody inside an operation: the short ways (see _shortcuts) may apply.
             if not sync.in_transaction():
                 if not (commit and (sync.new or sync.deleted or sync.dirty)):
                     # No transaction and nothing to flush: closing does no I/O.
                     sync.close()
                     manager._count_end(self, None)
                     return
-            elif exc_type is None and self.readonly and closes_without_io(sync):
+            elif commit:
+                if session._ts_base.commit is _async_commit and commits_like_its_connections(sync):
+                    await run_to_completion(self._commit_short(session, sync))
+                    if self.binding is not None and self.binding.replica_engines:
+                        manager._note_write()
+                    return
+            elif exc_type is None and closes_without_io(sync):
                 # A read-only unit on the AUTOCOMMIT pool: nothing to roll back.
                 sync.close()
                 manager._count_end(self, "rollback")
@@ -359,15 +379,8 @@ class Scope:
                 # Before the commit or rollback returns the connection they read from.
                 await close_streams(self)
             if commit:
-                sync = session.sync_session
                 try:
-                    if session._ts_base.commit is _async_commit and commits_like_its_connections(
-                        sync
-                    ):
-                        # Nothing for the ORM to do: commit the connections and close.
-                        await greenlet_spawn(commit_connections_and_close, sync)
-                    else:
-                        await session._ts_base.commit(session)
+                    await session._ts_base.commit(session)
                 except BaseException as error:
                     manager._count_end(self, "rollback")
                     await self._close_quietly(session, error)
@@ -387,6 +400,16 @@ class Scope:
                 session.sync_session.close()
         finally:
             self._teardown_task = None
+
+    async def _commit_short(self, session: Any, sync: Session) -> None:
+        """Commit the connections and close (nothing for the ORM to do: see _shortcuts)."""
+        try:
+            await greenlet_spawn(commit_connections_and_close, sync)
+        except BaseException as error:
+            self.manager._count_end(self, "rollback")
+            await self._close_quietly(session, error)
+            raise
+        self.manager._count_end(self, "commit")
 
     async def _close_quietly(self, session: Any, original: BaseException | None) -> None:
         """Roll back and close; if that fails, discard the connections anyway.

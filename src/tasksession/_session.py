@@ -322,23 +322,35 @@ def _begin_nested(self: Any) -> AsyncSessionTransaction:
 
 def _make_getattr(base: type[AsyncSession], built: type[AsyncSession]) -> Callable[[Any, str], Any]:
     base_init = base.__init__
+    # Readonly scopes' sessions refuse to flush (a listener on a subclass of the
+    # sync Session class); writable ones keep the plain class, whose sessions
+    # carry no class-level listener to dispatch.
+    readonly_sync_class = _readonly_sync_session_class(base.sync_session_class)
 
     def __getattr__(self: Any, name: str) -> Any:
         # Reached only for attributes not found normally: before SQLAlchemy's
         # __init__ ran, that is every instance attribute it would set.
-        state = self.__dict__
-        if name.startswith("_ts_") or "sync_session" in state or "_ts_building" in state:
+        if name.startswith("_ts_"):
             raise AttributeError(name)
-        state["_ts_building"] = True
         scope = self._ts_scope
-        try:
-            base_init(self, bind=scope.engine, **scope.binding.session_kwargs)
-        finally:
-            del state["_ts_building"]
-        # A class with __getattr__ makes every attribute access slower (CPython
-        # cannot specialize them): the built session sheds it, becoming an
-        # instance of the same class without the hook.
+        lazy = self.__class__
+        # The object becomes an instance of the same class without this hook
+        # first: a class with __getattr__ makes every attribute access slower
+        # (CPython cannot specialize them), SQLAlchemy's __init__ included.
         self.__class__ = built
+        try:
+            if scope.readonly:
+                base_init(
+                    self,
+                    bind=scope.engine,
+                    sync_session_class=readonly_sync_class,
+                    **scope.binding.session_kwargs,
+                )
+            else:
+                base_init(self, bind=scope.engine, **scope.binding.session_kwargs)
+        except BaseException:
+            self.__class__ = lazy
+            raise
         # Lets sync-level event handlers find the scope without a lookup.
         self.sync_session._ts_scope = scope
         scope._session_built()
@@ -360,7 +372,7 @@ def _refuse_readonly_flush(session: Session, flush_context: Any, instances: Any)
         )
 
 
-def _sync_session_class(base: type[Session]) -> type[Session]:
+def _readonly_sync_session_class(base: type[Session]) -> type[Session]:
     cls = type(base.__name__, (base,), {"__module__": base.__module__})
     event.listen(cls, "before_flush", _refuse_readonly_flush)
     return cls
@@ -393,7 +405,6 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         "get_transaction": _get_transaction,
         "__aexit__": _make_aexit(base),
         "get_nested_transaction": _get_nested_transaction,
-        "sync_session_class": _sync_session_class(base.sync_session_class),
     }
     for name in GUARDED_COROUTINES:
         method = getattr(base, name, None)

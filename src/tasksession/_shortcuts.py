@@ -80,7 +80,9 @@ def closes_without_io(sync: Session) -> bool:
             return False
         if getattr(fairy.dbapi_connection, "_transaction", _NOT_ASYNCPG) is not None:
             return False
-        if connection.dispatch.rollback:
+        # Rollback listeners on the connection or its engine (the engine's
+        # dispatcher is built once; the connection's would be built per call).
+        if connection._has_events or connection.engine.dispatch.rollback:
             return False
         pool_events = fairy._pool.dispatch
         if pool_events.reset or pool_events.checkin:
