@@ -340,7 +340,7 @@ class Scope:
                     return
             elif commit:
                 if session._ts_base.commit is _async_commit and commits_like_its_connections(sync):
-                    await run_to_completion(self._commit_short(session, sync))
+                    await run_to_completion(self._commit_short(session, sync), session._ts_loop)
                     if self.binding is not None and self.binding.replica_engines:
                         manager._note_write()
                     return
@@ -352,7 +352,7 @@ class Scope:
         if commit:
             # A COMMIT cut off after it was sent leaves the outcome unknown: run it
             # where no cancellation, anyio's or Task.cancel(), can reach it.
-            await run_to_completion(self._teardown(session, True, exc))
+            await run_to_completion(self._teardown(session, True, exc), session._ts_loop)
             if self.binding is not None and self.binding.replica_engines:
                 manager._note_write()
         else:

@@ -359,6 +359,25 @@ def _make_getattr(base: type[AsyncSession], built: type[AsyncSession]) -> Callab
     return __getattr__
 
 
+class _BuildOnFirstUse:
+    """``sync_session`` / ``_proxied`` of a session not built yet: reading one builds it.
+
+    What the ``__getattr__`` hook would do, for the attributes every operation
+    reads first, without CPython raising (and formatting) an AttributeError
+    before it calls the hook.
+    """
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __get__(self, session: Any, owner: type | None = None) -> Any:
+        if session is None:
+            return self
+        return session.__getattr__(self._name)
+
+
 def _refuse_readonly_flush(session: Session, flush_context: Any, instances: Any) -> None:
     scope = getattr(session, "_ts_scope", None)
     if scope is not None and scope.readonly:
@@ -434,6 +453,8 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         {
             "__slots__": (),
             "__getattr__": _make_getattr(base, built),
+            "sync_session": _BuildOnFirstUse("sync_session"),
+            "_proxied": _BuildOnFirstUse("_proxied"),
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,
             "__doc__": base.__doc__,
