@@ -2,8 +2,9 @@
 
 1. The guard alone, per operation: a session class whose ``execute`` (a
    coroutine) and ``add`` (sync) do nothing, called through the guarded class
-   of each mode vs called unwrapped. The difference is what the guard adds:
-   target ≤ 0.5 µs per operation.
+   of each mode vs called unwrapped, on sessions already built (as after their
+   first operation). The difference is what the guard adds: target ≤ 0.5 µs per
+   operation.
 2. One primary-key ``get`` with the guard on (``"concurrent"``) vs off, both
    inside one long-lived scope (only the operation is timed) and as one scope
    per ``get``: target ratio ≤ 1.01 (client CPU µs/op, as perf-anchors.md

@@ -10,6 +10,7 @@ long way is kept wherever the short one would differ.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -194,6 +195,25 @@ async def test_a_pool_listener_keeps_the_greenlet(ro_db: SessionManager) -> None
         event.remove(pool, "checkin", on_checkin)
     assert [42] == seen
     assert 0 == readonly_checked_out(ro_db)
+
+
+async def test_an_overflow_connection_is_closed_in_the_greenlet(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Returned to a full pool, a connection is closed: I/O, so the long way.
+    db = SessionManager(postgres_url, readonly_autocommit=True, pool_size=1, max_overflow=1)
+    try:
+        pool: Any = db._require_binding().readonly_engine.sync_engine.pool
+        async with db.scope(readonly=True) as first:
+            await first.execute(text("SELECT 1"))
+            async with db.scope(readonly=True, independent=True) as second:
+                await second.execute(text("SELECT 2"))
+                assert 1 == pool.overflow()
+        assert 0 == pool.checkedout()
+        assert 0 == pool.overflow()  # the overflow connection was closed, not leaked
+        assert [] == [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        await db.dispose()
 
 
 async def test_a_readonly_unit_outside_autocommit_rolls_back(pg_db: SessionManager) -> None:

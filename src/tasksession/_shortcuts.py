@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
 
 __all__ = ["closes_without_io", "commit_connections_and_close", "commits_like_its_connections"]
 
@@ -67,8 +68,9 @@ def closes_without_io(sync: Session) -> bool:
     """Whether ``sync.close()`` does no I/O, so that it may run outside a greenlet.
 
     True when every connection the session holds is an asyncpg connection with
-    no driver transaction (AUTOCOMMIT) and nothing listens to the rollback or
-    the return to the pool (a listener might use the connection).
+    no driver transaction (AUTOCOMMIT), nothing listens to the rollback or the
+    return to the pool (a listener might use the connection), and its pool has
+    room to keep it (else the pool closes it).
     """
     transaction: Any = sync._transaction
     if transaction is None:
@@ -84,7 +86,12 @@ def closes_without_io(sync: Session) -> bool:
         # dispatcher is built once; the connection's would be built per call).
         if connection._has_events or connection.engine.dispatch.rollback:
             return False
-        pool_events = fairy._pool.dispatch
+        pool = fairy._pool
+        pool_events = pool.dispatch
         if pool_events.reset or pool_events.checkin:
+            return False
+        # Returned to a full pool (an overflow connection) or to a pool that
+        # keeps nothing, the connection is closed: that is I/O.
+        if not isinstance(pool, QueuePool) or pool.checkedin() >= pool.size():
             return False
     return True
