@@ -40,6 +40,8 @@ class _Unstoppable(asyncio.Task[_T]):
     ``Task.cancel()`` both call ``cancel()`` on what it awaits) keeps waiting,
     and the cancellation is delivered to it once the cleanup finished: what
     ``asyncio.shield`` does, without its extra future and loop iteration.
+    Shutting the loop down (``asyncio.run`` cancels every task) waits for it
+    too: a COMMIT under way is never abandoned.
     """
 
     def cancel(self, msg: Any | None = None) -> bool:
