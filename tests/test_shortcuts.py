@@ -22,7 +22,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.orm import Session, SessionTransaction
 
-from tasksession import SessionManager
+from tasksession import SessionManager, _scope, _shortcuts
 from tasksession._scope import Scope
 
 from .conftest import checked_out, reset_tables
@@ -65,6 +65,34 @@ async def test_a_core_write_in_a_clean_session_is_committed_the_short_way(
     assert 1 == len(commits)  # engine events still see the COMMIT
     assert ["core"] == await names(db)
     assert 1 == db.statistics().commits
+
+
+async def test_on_asyncpg_the_commit_needs_no_greenlet(postgres_url: str) -> None:
+    # One pooled connection: the second unit reuses the first's, which must
+    # have been left with no driver transaction.
+    single = SessionManager(postgres_url, pool_size=1, max_overflow=0)
+    try:
+        await _two_units_through_the_driver(single)
+    finally:
+        await single.dispose()
+
+
+async def _two_units_through_the_driver(single: SessionManager) -> None:
+    await reset_tables(single.engine)
+    for ident in (1, 2):
+        scope = single.scope()
+        session = await scope.__aenter__()
+        await session.execute(insert(User).values(id=ident, name=f"driver{ident}"))
+        with (
+            mock.patch.object(_shortcuts, "greenlet_spawn", side_effect=AssertionError) as a,
+            mock.patch.object(_scope, "greenlet_spawn", side_effect=AssertionError) as b,
+        ):
+            await scope.__aexit__(None, None, None)
+        a.assert_not_called()
+        b.assert_not_called()
+    assert ["driver1", "driver2"] == await names(single)
+    assert 0 == checked_out(single)
+    assert 2 == single.statistics().commits
 
 
 async def test_a_unit_with_objects_to_flush_takes_the_orm_commit(db: SessionManager) -> None:

@@ -45,7 +45,9 @@ from ._session import is_materialized
 from ._shortcuts import (
     closes_without_io,
     commit_connections_and_close,
+    commit_through_the_driver,
     commits_like_its_connections,
+    driver_commit,
 )
 from ._streams import close_streams
 
@@ -404,7 +406,11 @@ class Scope:
     async def _commit_short(self, session: Any, sync: Session) -> None:
         """Commit the connections and close (nothing for the ORM to do: see _shortcuts)."""
         try:
-            await greenlet_spawn(commit_connections_and_close, sync)
+            through_driver = driver_commit(sync)
+            if through_driver is not None:
+                await commit_through_the_driver(sync, *through_driver)
+            else:
+                await greenlet_spawn(commit_connections_and_close, sync)
         except BaseException as error:
             self.manager._count_end(self, "rollback")
             await self._close_quietly(session, error)

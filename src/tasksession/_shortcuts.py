@@ -10,6 +10,11 @@ session provably has none of that to do, the scope takes the short way:
   but commit its connections' transactions (nothing to flush, no listeners,
   no savepoint open, nothing to expire), so :func:`commit_connections_and_close`
   does exactly that, at the Connection level (engine events still fire);
+* :func:`driver_commit`: when the one connection is an asyncpg one and nothing
+  listens to its events, :func:`commit_through_the_driver` sends that COMMIT
+  straight through asyncpg, with no greenlet at all (a failure is replayed
+  through SQLAlchemy, which translates it as usual); the rest of the commit
+  and the close are SQLAlchemy's bookkeeping, with no I/O left to do;
 * :func:`closes_without_io`: rolling back and returning the connections needs
   no I/O (an asyncpg connection in AUTOCOMMIT, the read-only pool, has no
   transaction to end), so the session can be closed synchronously, without a
@@ -25,13 +30,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import greenlet_spawn
 
-__all__ = ["closes_without_io", "commit_connections_and_close", "commits_like_its_connections"]
+__all__ = [
+    "closes_without_io",
+    "commit_connections_and_close",
+    "commit_through_the_driver",
+    "commits_like_its_connections",
+    "driver_commit",
+]
 
 _session_commit = Session.commit
 _NOT_ASYNCPG = object()
+# SQLAlchemy 2.0's asyncpg adapter also flags a started transaction (2.1 does not).
+_ADAPTER_HAS_STARTED = hasattr(AsyncAdapt_asyncpg_connection, "_started")
 
 
 def commits_like_its_connections(sync: Session) -> bool:
@@ -86,12 +101,81 @@ def closes_without_io(sync: Session) -> bool:
         # dispatcher is built once; the connection's would be built per call).
         if connection._has_events or connection.engine.dispatch.rollback:
             return False
-        pool = fairy._pool
-        pool_events = pool.dispatch
-        if pool_events.reset or pool_events.checkin:
-            return False
-        # Returned to a full pool (an overflow connection) or to a pool that
-        # keeps nothing, the connection is closed: that is I/O.
-        if not isinstance(pool, QueuePool) or pool.checkedin() >= pool.size():
+        if not _pool_keeps_it_quietly(fairy):
             return False
     return True
+
+
+def _pool_keeps_it_quietly(fairy: Any) -> bool:
+    """Whether returning ``fairy`` to its pool does no I/O and runs no listener."""
+    pool = fairy._pool
+    pool_events = pool.dispatch
+    if pool_events.reset or pool_events.checkin:
+        return False
+    # Returned to a full pool (an overflow connection) or to a pool that keeps
+    # nothing, the connection is closed: that is I/O.
+    return isinstance(pool, QueuePool) and pool.checkedin() < pool.size()
+
+
+def driver_commit(sync: Session) -> tuple[Any, Any] | None:
+    """``(asyncpg adapter, connection transaction)`` to commit through the driver, or None.
+
+    Only after :func:`commits_like_its_connections`: one asyncpg connection
+    inside a driver transaction, no Connection events (they would see the
+    COMMIT out of order), and a pool that takes the connection back quietly.
+    """
+    transaction: Any = sync._transaction
+    entries = set(transaction._connections.values())
+    if len(entries) != 1:
+        return None
+    connection, connection_transaction, should_commit = next(iter(entries))[:3]
+    if not should_commit or not connection_transaction.is_active:
+        return None
+    if connection._has_events or connection.engine._has_events:
+        return None
+    fairy = connection._dbapi_connection
+    if fairy is None:
+        return None
+    adapter = fairy.dbapi_connection
+    if not isinstance(adapter, AsyncAdapt_asyncpg_connection) or adapter._transaction is None:
+        return None
+    if not _pool_keeps_it_quietly(fairy):
+        return None
+    return adapter, connection_transaction
+
+
+class _FailedCommit:
+    """Stands in for the driver transaction to replay a failed COMMIT through SQLAlchemy."""
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    async def commit(self) -> None:
+        raise self._error
+
+    async def rollback(self) -> None:  # pragma: no cover - discarded before any rollback
+        return None
+
+
+async def commit_through_the_driver(
+    sync: Session, adapter: Any, connection_transaction: Any
+) -> None:
+    """COMMIT through asyncpg itself, then let SQLAlchemy note it and close, without I/O.
+
+    ``adapter`` and ``connection_transaction`` come from :func:`driver_commit`.
+    """
+    try:
+        await adapter._transaction.commit()
+    except Exception as error:
+        # SQLAlchemy's adapter and Connection turn the driver's error into the
+        # usual exception (IntegrityError, ...) and invalidate a broken
+        # connection: replay the failure through them.
+        adapter._transaction = _FailedCommit(error)
+        await greenlet_spawn(connection_transaction.commit)
+        raise  # pragma: no cover - the replay raised already
+    # Done at the driver: what the adapter's commit() would now find is nothing.
+    adapter._transaction = None
+    if _ADAPTER_HAS_STARTED:
+        adapter._started = False
+    connection_transaction.commit()  # SQLAlchemy's bookkeeping; the adapter has no I/O left
+    sync.close()  # returns the connection (the pool takes it back quietly: checked)
