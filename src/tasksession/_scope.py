@@ -270,6 +270,7 @@ class Scope:
         session._ts_loop = manager._loop
         session._ts_thread = manager._thread
         session._ts_busy_task = None
+        session._ts_in_flight = 0
         self.session = session
         self._opened = _monotonic()
         self._token = var.set(self)

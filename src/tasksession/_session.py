@@ -133,26 +133,6 @@ def _pool_exhausted(session: Any, error: sa_exc.TimeoutError) -> BaseException:
     return exhausted
 
 
-def _guard_coroutine(
-    name: str,
-    method: Callable[..., Coroutine[Any, Any, Any]],
-    enter: Callable[[Any, str], bool],
-    leave: Callable[[Any, bool], None],
-) -> Callable[..., Coroutine[Any, Any, Any]]:
-    # enter and leave are closure cells, not attribute lookups.
-    @functools.wraps(method)
-    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        owned = enter(self, name)
-        try:
-            return await method(self, *args, **kwargs)
-        except sa_exc.TimeoutError as error:
-            raise _pool_exhausted(self, error) from error
-        finally:
-            leave(self, owned)
-
-    return guarded
-
-
 def _guard_coroutine_concurrent(
     name: str, method: Callable[..., Coroutine[Any, Any, Any]]
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
@@ -199,6 +179,47 @@ def _guard_coroutine_concurrent(
     return guarded
 
 
+def _guard_coroutine_strict(
+    name: str, method: Callable[..., Coroutine[Any, Any, Any]]
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """:func:`_guard.enter_strict` and :func:`_guard.leave` inlined."""
+    blocked = _guard.blocked
+    conflict = _guard.conflict
+    wake = _guard.wake_teardown
+    get_ident = _guard.get_ident
+    current_task_of = _guard.current_task_of
+    closed = _guard.CLOSED
+
+    @functools.wraps(method)
+    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        task: Any
+        if get_ident() == self._ts_thread:
+            task = current_task_of(self._ts_loop)
+        else:
+            task = blocked(self, name)
+        scope = self._ts_scope
+        if task is not scope.owner and task is not scope._teardown_task:
+            raise conflict(self, task, name, strict=True)
+        if self._ts_busy_task is None:
+            self._ts_busy_task = task
+            self._ts_busy_operation = name
+            try:
+                return await method(self, *args, **kwargs)
+            except sa_exc.TimeoutError as error:
+                raise _pool_exhausted(self, error) from error
+            finally:
+                self._ts_busy_task = None
+                if self._ts_thread == closed:
+                    wake(self)
+        # Same-task reentrancy: the outer call releases the session.
+        try:
+            return await method(self, *args, **kwargs)
+        except sa_exc.TimeoutError as error:
+            raise _pool_exhausted(self, error) from error
+
+    return guarded
+
+
 def _guard_coroutine_off(
     name: str, method: Callable[..., Coroutine[Any, Any, Any]]
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
@@ -235,6 +256,15 @@ def _guard_sync(
         return method(self, *args, **kwargs)
 
     return guarded
+
+
+#: guard mode -> the wrapper of a coroutine operation (enter and leave inlined:
+#: this is the guard's whole cost on every execute/get/flush).
+_WRAP_BY_MODE = {
+    "concurrent": _guard_coroutine_concurrent,
+    "strict": _guard_coroutine_strict,
+    "off": _guard_coroutine_off,
+}
 
 
 class GuardedTransaction(AsyncSessionTransaction):
@@ -407,9 +437,15 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         # The guard's state, in slots (the fastest attributes; an untouched
         # session never allocates its __dict__). The scope sets them all when
         # it creates the session: its loop and thread, and no task inside.
-        "__slots__": ("_ts_scope", "_ts_loop", "_ts_thread", "_ts_busy_task", "_ts_busy_operation"),
-        # Operations in flight, counted only under guard="off" (tasks may overlap).
-        "_ts_in_flight": 0,
+        # _ts_in_flight counts the operations in flight under guard="off" (tasks may overlap).
+        "__slots__": (
+            "_ts_scope",
+            "_ts_loop",
+            "_ts_thread",
+            "_ts_busy_task",
+            "_ts_busy_operation",
+            "_ts_in_flight",
+        ),
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
@@ -428,14 +464,7 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
     for name in GUARDED_COROUTINES:
         method = getattr(base, name, None)
         if method is not None:
-            if guard_mode == "concurrent":
-                namespace[name] = _guard_coroutine_concurrent(name, method)
-            elif guard_mode == "off":
-                namespace[name] = _guard_coroutine_off(name, method)
-            else:
-                namespace[name] = _guard_coroutine(
-                    name, method, _ENTER[guard_mode], _LEAVE[guard_mode]
-                )
+            namespace[name] = _WRAP_BY_MODE[guard_mode](name, method)
     for name in GUARDED_SYNC:
         method = getattr(base, name, None)
         if method is not None and name not in namespace:
