@@ -226,7 +226,12 @@ def check_sync_concurrent(self: Any, operation: str) -> None:
 
 def check_sync_strict(self: Any, operation: str) -> None:
     """Check a synchronous mutator under ``"strict"``: only the scope's owner may call it."""
-    task = calling_task(self, operation)
+    # calling_task() inlined: this runs on every add().
+    task: Any
+    if _get_ident() == self._ts_thread:
+        task = _current_task_of(self._ts_loop)
+    else:
+        task = blocked(self, operation)
     scope = self._ts_scope
     if task is not scope.owner and task is not scope._teardown_task:
         raise conflict(self, task, operation, strict=True)

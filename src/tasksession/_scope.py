@@ -333,7 +333,7 @@ class Scope:
             return
         commit = exc_type is None and not self.readonly
         sync = session.sync_session
-        if self._streams is None and session._ts_busy_task is None and not session._ts_in_flight:
+        if self._streams is None and not in_operation(session):
             # Nobody inside an operation: the short ways (see _shortcuts) may apply.
             if not sync.in_transaction():
                 if not (commit and (sync.new or sync.deleted or sync.dirty)):

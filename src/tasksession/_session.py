@@ -133,13 +133,13 @@ def _pool_exhausted(session: Any, error: sa_exc.TimeoutError) -> BaseException:
     return exhausted
 
 
-def _guard_coroutine_concurrent(
-    name: str, method: Callable[..., Coroutine[Any, Any, Any]]
+def _guard_coroutine_one_at_a_time(
+    name: str, method: Callable[..., Coroutine[Any, Any, Any]], strict: bool
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """:func:`_guard.enter_concurrent` and :func:`_guard.leave` inlined (the default mode).
+    """:func:`_guard.enter_concurrent` (or ``enter_strict``) and :func:`_guard.leave` inlined.
 
-    The same steps as the generic wrapper, without two function calls per
-    operation: this is the guard's whole cost on every execute/get/flush.
+    The same steps as those functions, without two calls per operation: this
+    is the guard's whole cost on every execute/get/flush.
     """
     blocked = _guard.blocked
     conflict = _guard.conflict
@@ -156,6 +156,10 @@ def _guard_coroutine_concurrent(
             task = current_task_of(self._ts_loop)
         else:
             task = blocked(self, name)
+        if strict:
+            scope = self._ts_scope
+            if task is not scope.owner and task is not scope._teardown_task:
+                raise conflict(self, task, name, strict=True)
         busy = self._ts_busy_task
         if busy is None:
             self._ts_busy_task = task
@@ -168,49 +172,8 @@ def _guard_coroutine_concurrent(
                 self._ts_busy_task = None
                 if self._ts_thread == closed:
                     wake(self)
-        if busy is not task:
+        if busy is not task and not strict:
             raise conflict(self, task, name, strict=False)
-        # Same-task reentrancy: the outer call releases the session.
-        try:
-            return await method(self, *args, **kwargs)
-        except sa_exc.TimeoutError as error:
-            raise _pool_exhausted(self, error) from error
-
-    return guarded
-
-
-def _guard_coroutine_strict(
-    name: str, method: Callable[..., Coroutine[Any, Any, Any]]
-) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """:func:`_guard.enter_strict` and :func:`_guard.leave` inlined."""
-    blocked = _guard.blocked
-    conflict = _guard.conflict
-    wake = _guard.wake_teardown
-    get_ident = _guard.get_ident
-    current_task_of = _guard.current_task_of
-    closed = _guard.CLOSED
-
-    @functools.wraps(method)
-    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        task: Any
-        if get_ident() == self._ts_thread:
-            task = current_task_of(self._ts_loop)
-        else:
-            task = blocked(self, name)
-        scope = self._ts_scope
-        if task is not scope.owner and task is not scope._teardown_task:
-            raise conflict(self, task, name, strict=True)
-        if self._ts_busy_task is None:
-            self._ts_busy_task = task
-            self._ts_busy_operation = name
-            try:
-                return await method(self, *args, **kwargs)
-            except sa_exc.TimeoutError as error:
-                raise _pool_exhausted(self, error) from error
-            finally:
-                self._ts_busy_task = None
-                if self._ts_thread == closed:
-                    wake(self)
         # Same-task reentrancy: the outer call releases the session.
         try:
             return await method(self, *args, **kwargs)
@@ -260,9 +223,9 @@ def _guard_sync(
 
 #: guard mode -> the wrapper of a coroutine operation (enter and leave inlined:
 #: this is the guard's whole cost on every execute/get/flush).
-_WRAP_BY_MODE = {
-    "concurrent": _guard_coroutine_concurrent,
-    "strict": _guard_coroutine_strict,
+_WRAP_BY_MODE: dict[str, Callable[[str, Any], Callable[..., Coroutine[Any, Any, Any]]]] = {
+    "concurrent": lambda name, method: _guard_coroutine_one_at_a_time(name, method, False),
+    "strict": lambda name, method: _guard_coroutine_one_at_a_time(name, method, True),
     "off": _guard_coroutine_off,
 }
 

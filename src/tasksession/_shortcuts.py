@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 _session_commit = Session.commit
-_NOT_ASYNCPG = object()
 # SQLAlchemy 2.0's asyncpg adapter also flags a started transaction (2.1 does not).
 _ADAPTER_HAS_STARTED = hasattr(AsyncAdapt_asyncpg_connection, "_started")
 
@@ -95,7 +94,10 @@ def closes_without_io(sync: Session) -> bool:
         fairy = connection._dbapi_connection
         if fairy is None:
             return False
-        if getattr(fairy.dbapi_connection, "_transaction", _NOT_ASYNCPG) is not None:
+        adapter = fairy.dbapi_connection
+        if not isinstance(adapter, AsyncAdapt_asyncpg_connection):
+            return False
+        if adapter._transaction is not None:  # a driver transaction to roll back
             return False
         # Rollback listeners on the connection or its engine (the engine's
         # dispatcher is built once; the connection's would be built per call).
