@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
+import anyio
 import pytest
 from sqlalchemy import event, func, insert, inspect, select, text
 from sqlalchemy import exc as sa_exc
@@ -93,6 +94,42 @@ async def _two_units_through_the_driver(single: SessionManager) -> None:
     assert ["driver1", "driver2"] == await names(single)
     assert 0 == checked_out(single)
     assert 2 == single.statistics().commits
+
+
+async def test_a_pool_filled_during_the_driver_commit_closes_in_the_greenlet(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both units find room in the pool before either COMMIT returns; the second
+    # connection back finds the pool full and is closed: I/O, in a greenlet.
+    db = SessionManager(postgres_url, pool_size=1, max_overflow=1)
+    opened: list[Any] = []
+    pool: Any = db.engine.sync_engine.pool
+    event.listen(pool, "connect", lambda dbapi_connection, record: opened.append(dbapi_connection))
+    try:
+        await reset_tables(db.engine)
+        both_written = anyio.Event()
+        written: list[int] = []
+
+        async def unit(ident: int) -> None:
+            async with db.scope() as session:
+                await session.execute(insert(User).values(id=ident, name=f"unit{ident}"))
+                written.append(ident)
+                if len(written) == 2:
+                    both_written.set()
+                with anyio.fail_after(10):
+                    await both_written.wait()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(unit, 1)
+            group.start_soon(unit, 2)
+        assert ["unit1", "unit2"] == await names(db)
+        assert 0 == pool.checkedout()
+        assert 0 == pool.overflow()
+        # One connection kept by the pool, the overflow one really closed.
+        assert [False, True] == sorted(c._connection.is_closed() for c in opened)
+        assert [] == [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        await db.dispose()
 
 
 async def test_a_unit_with_objects_to_flush_takes_the_orm_commit(db: SessionManager) -> None:

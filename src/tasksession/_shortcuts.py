@@ -180,4 +180,9 @@ async def commit_through_the_driver(
     if _ADAPTER_HAS_STARTED:
         adapter._started = False
     connection_transaction.commit()  # SQLAlchemy's bookkeeping; the adapter has no I/O left
-    sync.close()  # returns the connection (the pool takes it back quietly: checked)
+    if closes_without_io(sync):
+        sync.close()  # returns the connection; the pool takes it back quietly
+    else:
+        # While the COMMIT was awaited, other units may have filled the pool:
+        # returned now, this connection is closed, which is I/O.
+        await greenlet_spawn(sync.close)
