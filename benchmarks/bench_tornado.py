@@ -10,7 +10,15 @@ primary-key lookup of a random row:
 * ``SessionMixin``: target ≥ 0.97x the hand-written req/s;
 * ``SessionMixin readonly``: ``session_readonly = True`` on a manager with
   ``readonly_autocommit=True``: target ≥ 1.3x;
+* ``AsyncSession on AUTOCOMMIT, no manager``: the hand-written read-only handler
+  (``async with AsyncSession(autocommit_engine)`` around the ``get``), printed as the
+  floor any read-only handler built on SQLAlchemy's ``AsyncSession`` starts from;
 * ``raw asyncpg``: ``pool.fetchrow`` (the ceiling), and ``hello`` (no database).
+
+Every pool holds 10 connections and no overflow (``max_overflow=0``, as in
+perf-anchors.md): with overflow, 50 clients on a pool of 10 make QueuePool open
+and close overflow connections during the runs (10-27 new connections per
+4-second run were counted), which lands in whichever variant happens to run.
 
 Also reported: server CPU µs per request (from /proc, the server process only).
 ``python -m benchmarks tornado [--quick]``.
@@ -45,6 +53,7 @@ VARIANTS = {
     "/hand/": "hand-written prepare/on_finish",
     "/mixin/": "SessionMixin",
     "/mixin-ro/": "SessionMixin readonly",
+    "/plain-ro/": "AsyncSession on AUTOCOMMIT, no manager",
     "/raw/": "raw asyncpg (ceiling)",
     "/hello/": "hello (no database)",
 }
@@ -76,13 +85,15 @@ def serve(url: str, port: int) -> None:
     """Serve every variant on 127.0.0.1:``port`` until killed."""
     import asyncpg
     import tornado.web
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
     from tasksession import SessionManager
     from tasksession.tornado import SessionMixin
 
-    db = SessionManager(url, pool_size=POOL_SIZE, readonly_autocommit=True)
+    pool = {"pool_size": POOL_SIZE, "max_overflow": 0}
+    db = SessionManager(url, readonly_autocommit=True, **pool)
     engine = db.engine
+    autocommit_engine = create_async_engine(url, isolation_level="AUTOCOMMIT", **pool)
     background: set[asyncio.Task[None]] = set()
 
     class HandWritten(tornado.web.RequestHandler):
@@ -121,6 +132,13 @@ def serve(url: str, port: int) -> None:
     class MixinReadonly(Mixin):
         session_readonly = True
 
+    class PlainReadonly(tornado.web.RequestHandler):
+        async def get(self, ident: str) -> None:
+            async with AsyncSession(autocommit_engine, expire_on_commit=False) as session:
+                item = await session.get(Item, int(ident))
+            assert item is not None
+            self.write({"id": item.id, "name": item.name})
+
     class Raw(tornado.web.RequestHandler):
         pool: Any = None
 
@@ -142,6 +160,7 @@ def serve(url: str, port: int) -> None:
                 (r"/hand/([0-9]+)", HandWritten),
                 (r"/mixin/([0-9]+)", Mixin),
                 (r"/mixin-ro/([0-9]+)", MixinReadonly),
+                (r"/plain-ro/([0-9]+)", PlainReadonly),
                 (r"/raw/([0-9]+)", Raw),
                 (r"/hello/([0-9]+)", Hello),
             ],
@@ -288,7 +307,7 @@ async def main(args: Args) -> None:
     table = Table(rows, REFERENCE, "throughput")
     table.notes.append(
         f"HTTP load: wrk -t2 -c{CONNECTIONS} -d{seconds}s per variant per round, {rounds} "
-        f"rounds in rotated order, pool_size={POOL_SIZE}; ops/s = requests/s"
+        f"rounds in rotated order, pool_size={POOL_SIZE} max_overflow=0; ops/s = requests/s"
     )
     table.notes.append("client CPU µs/op here = the server process's CPU per request")
     table.notes.append("µs/op column is 1e6 / req/s (throughput, not latency)")

@@ -198,7 +198,7 @@ class SessionMixin(web.RequestHandler):
             await super()._execute(transforms, *args, **kwargs)
             return
         self._ts_scope = scope
-        self._ts_task = asyncio.current_task()
+        self._ts_task = scope.owner  # the task running the request (it entered the scope)
         self._ts_state = _OPEN
         # Finishing after a normal return is done here, so the commit runs in this task.
         auto_finish = self._auto_finish
