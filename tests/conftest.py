@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tasksession import SessionManager
 
-from .models import Base
+from .models import Base, User
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -55,6 +55,14 @@ async def _managed(url: str, **options: Any) -> AsyncIterator[SessionManager]:
         assert manager.active_scopes() == []
     finally:
         await manager.dispose()
+
+
+async def seeded_readonly_autocommit(url: str, pool_size: int) -> AsyncIterator[SessionManager]:
+    """A manager with ``readonly_autocommit=True`` (see ``_managed``), holding user 1 "ada"."""
+    async for manager in _managed(url, readonly_autocommit=True, pool_size=pool_size):
+        async with manager.scope() as session:
+            session.add(User(id=1, name="ada"))
+        yield manager
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from tasksession import SessionManager, _scope, _shortcuts
 from tasksession._scope import Scope
 
-from .conftest import checked_out, reset_tables
+from .conftest import checked_out, reset_tables, seeded_readonly_autocommit
 from .models import User
 
 pytestmark = pytest.mark.anyio
@@ -214,14 +214,8 @@ async def test_a_failed_short_commit_rolls_back_and_raises(pg_db: SessionManager
 
 @pytest.fixture
 async def ro_db(postgres_url: str) -> AsyncIterator[SessionManager]:
-    db = SessionManager(postgres_url, readonly_autocommit=True, pool_size=2)
-    try:
-        await reset_tables(db.engine)
-        async with db.scope() as session:
-            session.add(User(id=1, name="ada"))
+    async for db in seeded_readonly_autocommit(postgres_url, pool_size=2):
         yield db
-    finally:
-        await db.dispose()
 
 
 def readonly_checked_out(db: SessionManager) -> int:

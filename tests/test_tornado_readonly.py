@@ -15,7 +15,7 @@ from sqlalchemy import text
 from tasksession import ReadOnlyScopeError, SessionManager
 from tasksession.tornado import SessionMixin
 
-from .conftest import reset_tables
+from .conftest import seeded_readonly_autocommit
 from .models import User
 from .tornado_helpers import json_body, serve, wait_until_released
 
@@ -29,15 +29,9 @@ READ_ONLY = text("SELECT current_setting('transaction_read_only')")
 
 @pytest.fixture
 async def ro_db(postgres_url: str) -> AsyncIterator[SessionManager]:
-    db = SessionManager(postgres_url, readonly_autocommit=True, pool_size=5)
-    try:
-        await reset_tables(db.engine)
-        async with db.scope() as session:
-            session.add(User(id=1, name="ada"))
+    async for db in seeded_readonly_autocommit(postgres_url, pool_size=5):
         yield db
         await wait_until_released(db)
-    finally:
-        await db.dispose()
 
 
 class Users(SessionMixin, tornado.web.RequestHandler):

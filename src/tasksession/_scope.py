@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Coroutine
 from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -333,29 +334,34 @@ class Scope:
             return
         commit = exc_type is None and not self.readonly
         sync = session.sync_session
-        if self._streams is None and not in_operation(session):
-            # Nobody inside an operation: the short ways (see _shortcuts) may apply.
-            if not sync.in_transaction():
-                if not (commit and (sync.new or sync.deleted or sync.dirty)):
-                    # No transaction and nothing to flush: closing does no I/O.
-                    sync.close()
-                    manager._count_end(self, None)
-                    return
-            elif commit:
-                if session._ts_base.commit is _async_commit and commits_like_its_connections(sync):
-                    await run_to_completion(self._commit_short(session, sync), session._ts_loop)
-                    if self.binding is not None and self.binding.replica_engines:
-                        manager._note_write()
-                    return
-            elif exc_type is None and closes_without_io(sync):
-                # A read-only unit on the AUTOCOMMIT pool: nothing to roll back.
-                sync.close()
-                manager._count_end(self, "rollback")
-                return
+        # Nobody inside an operation: the short ways (see _shortcuts) may apply.
+        quiet = self._streams is None and not in_operation(session)
+        if (
+            quiet
+            and not sync.in_transaction()
+            and not (commit and (sync.new or sync.deleted or sync.dirty))
+        ):
+            # No transaction and nothing to flush: closing does no I/O.
+            sync.close()
+            manager._count_end(self, None)
+            return
+        if quiet and not commit and exc_type is None and closes_without_io(sync):
+            # A read-only unit on the AUTOCOMMIT pool: nothing to roll back.
+            sync.close()
+            manager._count_end(self, "rollback")
+            return
         if commit:
+            short = (
+                quiet
+                and session._ts_base.commit is _async_commit
+                and commits_like_its_connections(sync)
+            )
+            cleanup = (
+                self._commit_short(session, sync) if short else self._teardown(session, True, exc)
+            )
             # A COMMIT cut off after it was sent leaves the outcome unknown: run it
             # where no cancellation, anyio's or Task.cancel(), can reach it.
-            await run_to_completion(self._teardown(session, True, exc), session._ts_loop)
+            await run_to_completion(cleanup, session._ts_loop)
             if self.binding is not None and self.binding.replica_engines:
                 manager._note_write()
         else:
@@ -382,13 +388,7 @@ class Scope:
                 # Before the commit or rollback returns the connection they read from.
                 await close_streams(self)
             if commit:
-                try:
-                    await session._ts_base.commit(session)
-                except BaseException as error:
-                    manager._count_end(self, "rollback")
-                    await self._close_quietly(session, error)
-                    raise
-                manager._count_end(self, "commit")
+                await self._commit(session, session._ts_base.commit(session))
             else:
                 manager._count_end(self, "rollback")
             if exc is not None:
@@ -406,12 +406,17 @@ class Scope:
 
     async def _commit_short(self, session: Any, sync: Session) -> None:
         """Commit the connections and close (nothing for the ORM to do: see _shortcuts)."""
+        through_driver = driver_commit(sync)
+        if through_driver is not None:
+            commit = commit_through_the_driver(sync, *through_driver)
+        else:
+            commit = greenlet_spawn(commit_connections_and_close, sync)
+        await self._commit(session, commit)
+
+    async def _commit(self, session: Any, commit: Coroutine[Any, Any, None]) -> None:
+        """Await ``commit`` and count the outcome; if it fails, roll back and close, and raise."""
         try:
-            through_driver = driver_commit(sync)
-            if through_driver is not None:
-                await commit_through_the_driver(sync, *through_driver)
-            else:
-                await greenlet_spawn(commit_connections_and_close, sync)
+            await commit
         except BaseException as error:
             self.manager._count_end(self, "rollback")
             await self._close_quietly(session, error)

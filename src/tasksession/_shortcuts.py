@@ -91,12 +91,10 @@ def closes_without_io(sync: Session) -> bool:
         return True
     for entry in transaction._connections.values():
         connection = entry[0]
-        fairy = connection._dbapi_connection
-        if fairy is None:
+        pooled = _asyncpg_underneath(connection)
+        if pooled is None:
             return False
-        adapter = fairy.dbapi_connection
-        if not isinstance(adapter, AsyncAdapt_asyncpg_connection):
-            return False
+        fairy, adapter = pooled
         if adapter._transaction is not None:  # a driver transaction to roll back
             return False
         # Rollback listeners on the connection or its engine (the engine's
@@ -106,6 +104,17 @@ def closes_without_io(sync: Session) -> bool:
         if not _pool_keeps_it_quietly(fairy):
             return False
     return True
+
+
+def _asyncpg_underneath(connection: Any) -> tuple[Any, AsyncAdapt_asyncpg_connection] | None:
+    """The pooled connection and asyncpg adapter under a Connection, or None (not asyncpg)."""
+    fairy = connection._dbapi_connection
+    if fairy is None:
+        return None
+    adapter = fairy.dbapi_connection
+    if not isinstance(adapter, AsyncAdapt_asyncpg_connection):
+        return None
+    return fairy, adapter
 
 
 def _pool_keeps_it_quietly(fairy: Any) -> bool:
@@ -123,8 +132,9 @@ def driver_commit(sync: Session) -> tuple[Any, Any] | None:
     """``(asyncpg adapter, connection transaction)`` to commit through the driver, or None.
 
     Only after :func:`commits_like_its_connections`: one asyncpg connection
-    inside a driver transaction, no Connection events (they would see the
-    COMMIT out of order), and a pool that takes the connection back quietly.
+    inside a driver transaction, and no Connection events (they would see the
+    COMMIT out of order). Whether the close after it needs a greenlet is decided
+    once the COMMIT is done (:func:`commit_through_the_driver`).
     """
     transaction: Any = sync._transaction
     entries = set(transaction._connections.values())
@@ -135,15 +145,10 @@ def driver_commit(sync: Session) -> tuple[Any, Any] | None:
         return None
     if connection._has_events or connection.engine._has_events:
         return None
-    fairy = connection._dbapi_connection
-    if fairy is None:
+    pooled = _asyncpg_underneath(connection)
+    if pooled is None or pooled[1]._transaction is None:
         return None
-    adapter = fairy.dbapi_connection
-    if not isinstance(adapter, AsyncAdapt_asyncpg_connection) or adapter._transaction is None:
-        return None
-    if not _pool_keeps_it_quietly(fairy):
-        return None
-    return adapter, connection_transaction
+    return pooled[1], connection_transaction
 
 
 class _FailedCommit:
@@ -183,6 +188,6 @@ async def commit_through_the_driver(
     if closes_without_io(sync):
         sync.close()  # returns the connection; the pool takes it back quietly
     else:
-        # While the COMMIT was awaited, other units may have filled the pool:
-        # returned now, this connection is closed, which is I/O.
+        # The pool would close it (full, e.g. filled by other units while the
+        # COMMIT was awaited) or a listener would run: I/O, in a greenlet.
         await greenlet_spawn(sync.close)
