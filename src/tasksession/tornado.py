@@ -17,7 +17,8 @@ after ``finish()`` wrote it, is synchronous, and can run without
   into a 500 through ``send_error``/``write_error`` and nothing is persisted;
 * rolls back on a status >= 400, an exception, or a client disconnect (the
   handler's task is cancelled, so the connection goes back to the pool even
-  if the handler is awaiting something else);
+  if the handler is awaiting something else; a statement already running is
+  let finish first, so the connection is not invalidated);
 * for a streamed response (``flush()`` before ``finish()``), commits in
   ``finish()``; if that fails (or the handler fails after the headers went
   out) the connection is aborted, so the client sees an incomplete response
@@ -144,9 +145,15 @@ class SessionMixin(web.RequestHandler):
     #: (e.g. ``{"GET", "HEAD"}``): it never commits, and a write raises an error.
     session_readonly: ClassVar[bool | Collection[str]] = False
     #: On a client disconnect, cancel the handler's task (default), so its connection is
-    #: back in the pool at once. ``False``: let the handler run on, and roll back and close
+    #: back in the pool at once (a statement already running on it may finish first:
+    #: :attr:`disconnect_grace`). ``False``: let the handler run on, and roll back and close
     #: the scope as soon as no operation is in flight (further use raises ScopeClosedError).
     cancel_on_disconnect: ClassVar[bool] = True
+    #: Seconds a statement that is already running when the client disconnects may
+    #: take to return before the handler is cancelled anyway: cancelling it inside
+    #: the round trip costs the pooled connection (SQLAlchemy invalidates it) and a
+    #: reconnect, so a short statement is let finish and its connection kept.
+    disconnect_grace: ClassVar[float] = 1.0
 
     _ts_scope: Scope | None = None
     _ts_error: BaseException | None = None
@@ -154,6 +161,7 @@ class SessionMixin(web.RequestHandler):
     _ts_state = _NONE
     _ts_failed = False
     _ts_disconnected = False
+    _ts_running = False  # the request's task is inside Tornado's _execute (the handler)
     _ts_finishing: asyncio.Future[None] | None = None
     _ts_logged: BaseException | None = None
 
@@ -204,16 +212,23 @@ class SessionMixin(web.RequestHandler):
         auto_finish = self._auto_finish
         self._auto_finish = False
         try:
+            self._ts_running = True
             await super()._execute(transforms, *args, **kwargs)
+            self._ts_running = False
             if auto_finish and not self._finished and not self._ts_disconnected:
                 if self._ts_must_commit_first():
                     await self._ts_commit_and_finish()
                 else:
+                    if scope.readonly:
+                        # Nothing to commit: the connection goes back before the
+                        # response is written, not after.
+                        await self._ts_end()
                     self._ts_finish_now()
             finishing = self._ts_finishing
             if finishing is not None:
                 await finishing
         except BaseException as error:
+            self._ts_running = False
             await self._ts_exit(error)
             raise
         await self._ts_end()
@@ -379,14 +394,45 @@ class SessionMixin(web.RequestHandler):
         if self._ts_state != _OPEN or self._ts_disconnected:
             return
         self._ts_disconnected = True
-        if self.cancel_on_disconnect:
-            task = self._ts_task
-            if task is not None and not task.done():
-                task.cancel()
+        rollback = _NotCommitted("rolled back: the client disconnected")
+        if not self.cancel_on_disconnect:
+            self._ts_finishing = asyncio.ensure_future(self._ts_exit(rollback))
+            return
+        scope = self._ts_scope
+        assert scope is not None
+        if scope.operation_in_flight and scope.holds_connection:
+            self._ts_finishing = asyncio.ensure_future(self._ts_cancel_when_idle(rollback))
         else:
-            self._ts_finishing = asyncio.ensure_future(
-                self._ts_exit(_NotCommitted("rolled back: the client disconnected"))
-            )
+            # Nothing runs on a connection (the handler awaits something else, or
+            # waits for a connection from the pool): stopping it costs nothing, and
+            # the scope's exit rolls back.
+            self._ts_cancel_handler()
+
+    async def _ts_cancel_when_idle(self, rollback: _NotCommitted) -> None:
+        """Let the statement in flight return, roll back, then cancel the handler.
+
+        Cancelling a task inside a round trip makes SQLAlchemy invalidate the
+        connection, and the pool then opens a new one: clients giving up under
+        load would turn into a storm of reconnects. So the statement already
+        running may finish (within :attr:`disconnect_grace` seconds; after that
+        it is cut off, and cancelled on the server), the scope rolls back and
+        returns its connection intact, and then the handler is cancelled (if it
+        uses ``self.session`` meanwhile, that raises ScopeClosedError).
+        """
+        ending = asyncio.ensure_future(self._ts_exit(rollback))
+        done, _ = await asyncio.wait((ending,), timeout=self.disconnect_grace)
+        if not done:
+            self._ts_cancel_handler()
+        try:
+            await ending
+        finally:
+            self._ts_cancel_handler()
+
+    def _ts_cancel_handler(self) -> None:
+        """Cancel the request's task while it runs the handler (not once it ends the scope)."""
+        task = self._ts_task
+        if self._ts_running and task is not None:
+            task.cancel()
 
     def log_exception(
         self,
