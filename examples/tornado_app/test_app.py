@@ -69,9 +69,11 @@ async def client(db: SessionManager) -> AsyncIterator[Client]:
         client.http.close()
         server.stop()
         await server.close_all_connections()
-        # A read-only request's scope closes just after its response was sent.
+        # A request's scope may still be ending (a 404's rollback runs after its
+        # response was sent): wait until its connection is back in the pool, or
+        # dispose() would drop a connection still in use.
         with anyio.fail_after(10):
-            while db.active_scopes():  # noqa: ASYNC110 - bounded polling
+            while db.active_scopes() or db.statistics().pool_checked_out:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
 
 
