@@ -16,7 +16,7 @@ from tasksession import SessionManager
 from tasksession.tornado import MissingSessionManagerError, SessionMixin
 
 from .models import User
-from .tornado_helpers import checked_out, json_body, serve, wait_until_released
+from .tornado_helpers import checked_out, count_users, json_body, serve, wait_until_released
 
 pytestmark = pytest.mark.anyio
 
@@ -33,15 +33,6 @@ async def db(pg_db: SessionManager) -> SessionManager:
         await conn.execute(text("DROP TABLE IF EXISTS tornado_codes"))
         await conn.execute(text(DEFERRED_DDL))
     return pg_db
-
-
-async def count_users(db: SessionManager, name: str | None = None) -> int:
-    """Count from a connection of its own (not through any request's session)."""
-    async with db.engine.connect() as conn:
-        if name is None:
-            return int(await conn.scalar(text("SELECT count(*) FROM users")) or 0)
-        query = text("SELECT count(*) FROM users WHERE name = :n")
-        return int(await conn.scalar(query, {"n": name}) or 0)
 
 
 async def count_codes(db: SessionManager) -> int:

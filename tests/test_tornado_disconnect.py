@@ -26,7 +26,7 @@ from tasksession.tornado import SessionMixin
 
 from .conftest import _managed
 from .models import User
-from .tornado_helpers import checked_out, serve, wait_until_released
+from .tornado_helpers import checked_out, count_users, serve, wait_until_released
 
 pytestmark = pytest.mark.anyio
 
@@ -110,12 +110,6 @@ def invalidations(db: SessionManager) -> list[object]:
     return seen
 
 
-async def count_abandoned(db: SessionManager) -> int:
-    async with db.engine.connect() as conn:
-        query = text("SELECT count(*) FROM users WHERE name = 'abandoned'")
-        return int(await conn.scalar(query) or 0)
-
-
 async def test_a_statement_in_flight_finishes_and_its_connection_is_kept(
     pg_db: SessionManager, recorder: type[Recorder]
 ) -> None:
@@ -138,7 +132,7 @@ async def test_a_statement_in_flight_finishes_and_its_connection_is_kept(
             await recorder.ended.wait()
     assert ["statement", "statement returned", "handler cancelled"] == recorder.events
     assert [] == invalidated  # the connection went back to the pool, not away
-    assert 0 == await count_abandoned(pg_db)
+    assert 0 == await count_users(pg_db, "abandoned")
 
 
 async def test_a_statement_running_past_the_grace_period_is_cut_off(
@@ -161,7 +155,7 @@ async def test_a_statement_running_past_the_grace_period_is_cut_off(
         assert ["statement", "statement cancelled"] == recorder.events
         assert 1 == len(invalidated)  # the price of cutting a round trip off
     await wait_until_released(pg_db)
-    assert 0 == await count_abandoned(pg_db)
+    assert 0 == await count_users(pg_db, "abandoned")
 
 
 @pytest.fixture

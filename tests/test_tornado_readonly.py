@@ -17,7 +17,7 @@ from tasksession.tornado import SessionMixin
 
 from .conftest import seeded_readonly_autocommit
 from .models import User
-from .tornado_helpers import checked_out, json_body, serve, wait_until_released
+from .tornado_helpers import checked_out, count_users, json_body, serve, wait_until_released
 
 pytestmark = pytest.mark.anyio
 
@@ -63,12 +63,6 @@ class CoreWriteInGet(SessionMixin, tornado.web.RequestHandler):
 
     async def get(self) -> None:
         await self.session.execute(text("INSERT INTO users (name) VALUES ('sneaky')"))
-
-
-async def users_named(db: SessionManager, name: str) -> int:
-    async with db.engine.connect() as conn:
-        query = text("SELECT count(*) FROM users WHERE name = :n")
-        return int(await conn.scalar(query, {"n": name}) or 0)
 
 
 async def test_readonly_get_sends_no_begin(ro_db: SessionManager) -> None:
@@ -134,7 +128,7 @@ async def test_writable_method_of_the_same_handler_runs_in_a_transaction(
     app = tornado.web.Application([(r"/users/(\d+)", Users)], session_manager=ro_db)
     async with serve(app) as server:
         response = await server.fetch("/users/2", "POST")
-    assert (201, 1) == (response.code, await users_named(ro_db, "user2"))
+    assert (201, 1) == (response.code, await count_users(ro_db, "user2"))
 
 
 async def test_readonly_request_refuses_an_orm_write(
@@ -144,7 +138,7 @@ async def test_readonly_request_refuses_an_orm_write(
     with caplog.at_level(logging.ERROR, logger="tornado.application"):
         async with serve(app) as server:
             response = await server.fetch("/w")
-    assert (500, 0) == (response.code, await users_named(ro_db, "sneaky"))
+    assert (500, 0) == (response.code, await count_users(ro_db, "sneaky"))
     assert [ReadOnlyScopeError] == [type(r.exc_info[1]) for r in caplog.records if r.exc_info]
 
 
@@ -155,7 +149,7 @@ async def test_readonly_request_cannot_persist_a_core_write(
     with caplog.at_level(logging.ERROR, logger="tornado.application"):
         async with serve(app) as server:
             response = await server.fetch("/w")
-    assert (500, 0) == (response.code, await users_named(ro_db, "sneaky"))
+    assert (500, 0) == (response.code, await count_users(ro_db, "sneaky"))
     logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
     assert "read-only transaction" in str(logged[0])
 

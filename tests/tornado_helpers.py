@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from sqlalchemy import text
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
@@ -67,6 +68,15 @@ async def wait_until_released(manager: SessionManager, within: float = 10) -> No
         # Bounded polling: the pool offers no event for "checked in".
         while manager.active_scopes() or checked_out(manager):  # noqa: ASYNC110
             await anyio.sleep(0.01)
+
+
+async def count_users(manager: SessionManager, name: str | None = None) -> int:
+    """Count users (named ``name``) from a connection of its own, not a request's session."""
+    async with manager.engine.connect() as conn:
+        if name is None:
+            return int(await conn.scalar(text("SELECT count(*) FROM users")) or 0)
+        query = text("SELECT count(*) FROM users WHERE name = :n")
+        return int(await conn.scalar(query, {"n": name}) or 0)
 
 
 def json_body(response: HTTPResponse) -> Any:

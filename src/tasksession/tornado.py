@@ -420,13 +420,11 @@ class SessionMixin(web.RequestHandler):
         uses ``self.session`` meanwhile, that raises ScopeClosedError).
         """
         ending = asyncio.ensure_future(self._ts_exit(rollback))
-        done, _ = await asyncio.wait((ending,), timeout=self.disconnect_grace)
-        if not done:
-            self._ts_cancel_handler()
-        try:
-            await ending
-        finally:
-            self._ts_cancel_handler()
+        await asyncio.wait((ending,), timeout=self.disconnect_grace)
+        # The scope has ended, or the grace period is over (then this cuts the
+        # statement off, and the scope's exit goes on once it was).
+        self._ts_cancel_handler()
+        await ending
 
     def _ts_cancel_handler(self) -> None:
         """Cancel the request's task while it runs the handler (not once it ends the scope)."""
