@@ -20,13 +20,21 @@ perf-anchors.md): with overflow, 50 clients on a pool of 10 make QueuePool open
 and close overflow connections during the runs (10-27 new connections per
 4-second run were counted), which lands in whichever variant happens to run.
 
-Also reported: server CPU µs per request (from /proc, the server process only).
+Also reported: server CPU µs per request (from /proc, the server process only),
+and the part of it spent in CPython's garbage collector (``gc.callbacks`` in the
+server). Collections are set off by swings of the live-object count, not by
+garbage: a read-only request does all its work between two round trips, so its
+objects come and go in larger bursts than a three-round-trip request's, and the
+collector's share differs per variant and from run to run (measured 16-38 µs per
+read-only request, under 4 µs per hand-written one); it is printed so that a
+ratio moved by it can be told from one moved by the code.
 ``python -m benchmarks tornado [--quick]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import re
@@ -37,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from typing import Any
 
 from sqlalchemy import Integer, String
@@ -152,6 +161,20 @@ def serve(url: str, port: int) -> None:
         def get(self, ident: str) -> None:
             self.write({"id": int(ident), "name": "hello"})
 
+    gc_seconds = [0.0, 0.0]  # total so far, start of the collection in progress
+
+    def time_collections(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_seconds[1] = time.perf_counter()
+        else:
+            gc_seconds[0] += time.perf_counter() - gc_seconds[1]
+
+    gc.callbacks.append(time_collections)
+
+    class GcSeconds(tornado.web.RequestHandler):
+        def get(self) -> None:
+            self.write(repr(gc_seconds[0]))
+
     async def run() -> None:
         raw_url = url.replace("postgresql+asyncpg://", "postgresql://")
         Raw.pool = await asyncpg.create_pool(raw_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
@@ -163,6 +186,7 @@ def serve(url: str, port: int) -> None:
                 (r"/plain-ro/([0-9]+)", PlainReadonly),
                 (r"/raw/([0-9]+)", Raw),
                 (r"/hello/([0-9]+)", Hello),
+                (r"/gc-seconds", GcSeconds),
             ],
             session_manager=db,
             log_function=lambda handler: None,
@@ -208,6 +232,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _gc_seconds(base: str) -> float:
+    """The server's time in garbage collection so far."""
+    with urllib.request.urlopen(base + "/gc-seconds", timeout=30) as response:
+        return float(response.read())
+
+
 def _wrk(url: str, script: str, seconds: int) -> tuple[int, float, int]:
     """Run wrk; return (requests completed, seconds, wrk timeouts)."""
     out = subprocess.run(
@@ -229,14 +259,16 @@ def _wrk(url: str, script: str, seconds: int) -> tuple[int, float, int]:
 
 def _load(
     url: str, rounds: int, seconds: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]], int]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]], int]:
     """Start the server process and run wrk against every variant, rotated per round.
 
-    Returns req/s and server CPU µs/request per path and round, and wrk's timeout count.
+    Returns req/s, server CPU µs/request and server GC µs/request per path and
+    round, and wrk's timeout count.
     """
     paths = list(VARIANTS)
     rates: dict[str, list[float]] = {p: [] for p in paths}
     cpu: dict[str, list[float]] = {p: [] for p in paths}
+    collecting: dict[str, list[float]] = {p: [] for p in paths}
     total_timeouts = 0
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "random_id.lua")
@@ -259,17 +291,20 @@ def _load(
             for round_index in range(rounds):
                 shift = round_index % len(paths)
                 for path in paths[shift:] + paths[:shift]:
+                    gc_before = _gc_seconds(base)
                     cpu_before = _cpu_seconds(server.pid)
                     requests, duration, timeouts = _wrk(base + path, script, seconds)
                     used = _cpu_seconds(server.pid) - cpu_before
+                    collected = _gc_seconds(base) - gc_before
                     total_timeouts += timeouts
                     rates[path].append(requests / duration)
                     cpu[path].append(used / requests * 1e6)
+                    collecting[path].append(collected / requests * 1e6)
                     time.sleep(0.2 + rng.random() * 0.1)  # let the pool settle
         finally:
             server.kill()
             server.wait(timeout=30)
-    return rates, cpu, total_timeouts
+    return rates, cpu, collecting, total_timeouts
 
 
 async def main(args: Args) -> None:
@@ -285,7 +320,9 @@ async def main(args: Args) -> None:
     rounds = args.rounds
     with postgres_url() as url:
         await setup(url)
-        rates, cpu, total_timeouts = await asyncio.to_thread(_load, url, rounds, seconds)
+        rates, cpu, collecting, total_timeouts = await asyncio.to_thread(
+            _load, url, rounds, seconds
+        )
     reference = "/hand/"
     rows = []
     for path in VARIANTS:
@@ -311,6 +348,10 @@ async def main(args: Args) -> None:
     )
     table.notes.append("client CPU µs/op here = the server process's CPU per request")
     table.notes.append("µs/op column is 1e6 / req/s (throughput, not latency)")
+    table.notes.append(
+        "server CPU µs/request in garbage collection (median; included in the CPU column): "
+        + ", ".join(f"{VARIANTS[p]} {statistics.median(collecting[p]):.1f}" for p in VARIANTS)
+    )
     if total_timeouts:
         table.notes.append(f"wrk timeouts (>2 s waits on a loaded box): {total_timeouts}")
     table.print(
