@@ -16,6 +16,7 @@ import contextlib
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -63,6 +64,41 @@ class PostgresServer:
         if not self.self_started:
             raise RuntimeError("refusing to restart a PostgreSQL server the tests did not start")
         self._pg_ctl("-m", "fast", "-w", "-t", "30", "restart", "-l", str(self.log_file))
+
+    def shut_down(self, mode: str = "fast") -> None:
+        """Stop the server and keep its data: connects are refused until :meth:`start_again`.
+
+        Only for a cluster the tests started. ``mode`` is ``pg_ctl``'s shutdown
+        mode (``fast``: terminate the sessions; ``immediate``: no clean shutdown).
+        Waits (at most 30 s) until the server is down.
+        """
+        if not self.self_started:
+            raise RuntimeError("refusing to stop a PostgreSQL server the tests did not start")
+        self._pg_ctl("-m", mode, "-w", "-t", "30", "stop")
+
+    def start_again(self) -> None:
+        """Start the server :meth:`shut_down` stopped, with the options it ran with.
+
+        Waits (at most 30 s) until it accepts connections.
+        """
+        if not self.self_started:
+            raise RuntimeError("refusing to start a PostgreSQL server the tests did not start")
+        assert self.data_dir is not None
+        # postmaster.opts (written by the server at start, kept after a stop) is
+        # its command line: the binary, then the options `pg_ctl restart` reuses.
+        words = shlex.split((self.data_dir / "postmaster.opts").read_text())[1:]
+        options: list[str] = []
+        while words:
+            word = words.pop(0)
+            if word == "-D":  # pg_ctl passes -D itself
+                words.pop(0)
+                continue
+            options.append(word)
+        self._pg_ctl("-o", shlex.join(options), "-w", "-t", "30", "-l", str(self.log_file), "start")
+
+    def is_running(self) -> bool:
+        """Whether the server is up (``pg_ctl status``)."""
+        return self._pg_ctl("status", check=False).returncode == 0
 
     def stop(self) -> None:
         if not self.self_started:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 
 import tasksession
+from tasksession import _errors
 
 API_PAGE = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+ERRORS_PAGE = API_PAGE.parent / "errors.md"
 
 
 def test_all_lists_exactly_the_public_names_of_the_package() -> None:
@@ -26,6 +29,35 @@ def test_all_lists_exactly_the_public_names_of_the_package() -> None:
 
 def test_all_has_no_duplicates() -> None:
     assert len(set(tasksession.__all__)) == len(tasksession.__all__)
+
+
+def test_all_is_sorted() -> None:
+    assert sorted(tasksession.__all__) == tasksession.__all__
+
+
+def test_every_error_class_is_exported_from_the_package_root() -> None:
+    classes = [name for name in _errors.__all__ if isinstance(getattr(_errors, name), type)]
+    assert {name: getattr(_errors, name) for name in classes} == {
+        name: getattr(tasksession, name, None) for name in classes
+    }
+    assert set(classes) <= set(tasksession.__all__)
+
+
+def errors_in_the_hierarchy_on_the_errors_page() -> list[str]:
+    """The class names in the hierarchy diagram of docs/errors.md, dotted where they say so."""
+    block = ERRORS_PAGE.read_text().split("```text\n", 1)[1].split("```", 1)[0]
+    return re.findall(r"[└├]── ([\w.]+)", block)
+
+
+def test_every_error_on_the_errors_page_can_be_imported_where_it_says() -> None:
+    names = errors_in_the_hierarchy_on_the_errors_page()
+    found = {}
+    for name in names:
+        module_name, _, attribute = name.rpartition(".")
+        module = importlib.import_module(module_name or "tasksession")
+        found[name] = isinstance(getattr(module, attribute, None), type)
+    assert "StreamClosedError" in names
+    assert dict.fromkeys(names, True) == found
 
 
 _DIRECTIVE = re.compile(

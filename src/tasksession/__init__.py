@@ -7,12 +7,14 @@ modules, one concept each. Importing this package does not import tornado.
 from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
 from ._errors import ConcurrentSessionError as ConcurrentSessionError
 from ._errors import CrossThreadError as CrossThreadError
+from ._errors import DetachedImplicitIOError as DetachedImplicitIOError
 from ._errors import ImplicitIOError as ImplicitIOError
 from ._errors import NoScopeError as NoScopeError
 from ._errors import NotConfiguredError as NotConfiguredError
 from ._errors import PoolExhaustedError as PoolExhaustedError
 from ._errors import ReadOnlyScopeError as ReadOnlyScopeError
 from ._errors import ScopeClosedError as ScopeClosedError
+from ._errors import StreamClosedError as StreamClosedError
 from ._errors import TaskSessionError as TaskSessionError
 from ._errors import UnsupportedBackendError as UnsupportedBackendError
 from ._errors import UnsupportedDriverError as UnsupportedDriverError
@@ -27,6 +29,7 @@ __all__ = [
     "CommitOutcomeUnknownError",
     "ConcurrentSessionError",
     "CrossThreadError",
+    "DetachedImplicitIOError",
     "ImplicitIOError",
     "ManagerStatistics",
     "NoScopeError",
@@ -39,6 +42,7 @@ __all__ = [
     "ScopeInfo",
     "SessionManager",
     "SessionTaskGroup",
+    "StreamClosedError",
     "TaskSessionError",
     "UnsupportedBackendError",
     "UnsupportedDriverError",

@@ -16,7 +16,7 @@ to its stable code on the errors page (``docs/errors.md``)::
     ├── CrossThreadError          scope or session used from another thread
     ├── ReadOnlyScopeError        a write attempted in a readonly scope
     ├── PoolExhaustedError        (also sqlalchemy.exc.TimeoutError) pool checkout timed out
-    └── CommitOutcomeUnknownError the connection was lost during COMMIT
+    └── CommitOutcomeUnknownError a COMMIT got no answer: committed or not, unknown
 
 Each class keeps the facts its message is built from as attributes, so code
 can inspect them without parsing text. The classes subclass what users of
@@ -75,12 +75,17 @@ class NoScopeError(TaskSessionError):
 
     error_code = "ts-noscope"
 
-    def __init__(self, manager: str) -> None:
+    def __init__(self, manager: str, reason: str | None = None) -> None:
         self.manager = manager
+        self.reason = reason
+        where = (
+            f"this code is not inside one: {reason}.\n"
+            if reason is not None
+            else "there is none open in this task (or in the task that started it).\n"
+        )
         super().__init__(
             f"{manager}.session was used outside of a scope. A session belongs to a unit "
-            "of work, and a unit of work is an `async with` block; there is none open in "
-            "this task (or in the task that started it).\n"
+            f"of work, and a unit of work is an `async with` block; {where}"
             "Open one around the code that uses the database:\n\n"
             f"    async with {manager}.scope():\n"
             f"        user = await {manager}.session.get(User, 1)\n\n"
@@ -342,23 +347,38 @@ class PoolExhaustedError(TaskSessionError, sa_exc.TimeoutError):
 
 
 class CommitOutcomeUnknownError(TaskSessionError):
-    """The connection was lost while a unit's COMMIT was in flight.
+    """A unit's COMMIT got no answer: the database may have committed it or not.
 
-    The database may have committed the unit or not; nothing on the client can
-    tell. The unit is therefore never retried (it could be applied twice). The
-    lost-connection error is the ``__cause__`` and the ``original`` attribute.
+    Raised by the scope's exit when the COMMIT round trip failed without an
+    answer from the server: a timeout (``commit_timeout=``, or the driver's
+    ``command_timeout``), a lost or invalidated connection, an ``OSError``.
+    Nothing on the client can tell whether the server committed, so the unit
+    is never retried, whatever the :class:`RetryPolicy` says (it could be
+    applied twice). The failure is the ``__cause__`` and the ``original``
+    attribute; the connection was discarded.
     """
 
     error_code = "ts-commit-unknown"
 
-    def __init__(self, unit: str, original: BaseException, attempt: int) -> None:
+    def __init__(
+        self,
+        unit: str,
+        original: BaseException,
+        attempt: int | None = None,
+        *,
+        reason: str | None = None,
+    ) -> None:
         self.unit = unit
         self.original = original
         self.attempt = attempt
+        self.reason = reason
+        what = reason if reason is not None else f"the COMMIT failed with {original!r}"
+        on_attempt = f" (attempt {attempt})" if attempt is not None else ""
         super().__init__(
-            f"The connection was lost while unit {unit!r} was committing (attempt "
-            f"{attempt}): the database may or may not have committed it. It was NOT "
-            f"retried, because running it again could apply it twice. Cause: {original!r}\n"
+            f"The outcome of unit {unit!r}{on_attempt} is unknown: {what}, and no answer "
+            "came from the server, so the database may or may not have committed it. "
+            "tasksession does not retry it, because running it again could apply it "
+            f"twice; its connection was discarded. Cause: {original!r}\n"
             "Check whether its effects are present before running it again, or make the "
             "unit safe to repeat, for example by keying its writes on a unique id:\n\n"
             "    INSERT INTO payments (request_id, ...) VALUES (...)\n"

@@ -18,6 +18,7 @@ connection. Cancelling a backend that already finished or exited does nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections import deque
@@ -27,11 +28,20 @@ import anyio
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
 
 if TYPE_CHECKING:
     from ._config import Binding
 
-__all__ = ["cancel_orphans", "has_orphans", "watch", "watch_binding"]
+__all__ = [
+    "cancel_orphans",
+    "cancel_orphans_soon",
+    "finish_cancelling",
+    "has_orphans",
+    "root_engine",
+    "watch",
+    "watch_binding",
+]
 
 logger = logging.getLogger("tasksession")
 
@@ -41,13 +51,23 @@ CANCEL_TIMEOUT = 5.0
 # root sync engine -> server pids whose statement may still be running
 _ORPHANS: weakref.WeakKeyDictionary[Engine, deque[int]] = weakref.WeakKeyDictionary()
 
+# root sync engine -> the background task sending its cancel requests (one at a time:
+# a storm of cancelled statements must not open a storm of connections).
+_CANCELLING: weakref.WeakKeyDictionary[Engine, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+
+_CANCEL_ASYNCPG = (
+    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+    "WHERE pid = ANY($1::integer[]) AND pid <> pg_backend_pid()"
+)
+
 _CANCEL = text(
     "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
     "WHERE pid = ANY(CAST(:pids AS integer[])) AND pid <> pg_backend_pid()"
 )
 
 
-def _root(sync_engine: Engine) -> Engine:
+def root_engine(sync_engine: Engine) -> Engine:
+    """The real engine behind ``sync_engine`` (an ``execution_options()`` view shares its pool)."""
     # Engine.execution_options() returns an OptionEngine sharing the pool of
     # the engine it proxies; orphans are kept per real engine.
     proxied = getattr(sync_engine, "_proxied", None)
@@ -74,7 +94,7 @@ def watch(engine: AsyncEngine) -> None:
     """
     if engine.dialect.name != "postgresql":
         return
-    root = _root(engine.sync_engine)
+    root = root_engine(engine.sync_engine)
     if root in _ORPHANS:
         return
     orphans: deque[int] = deque(maxlen=256)
@@ -92,6 +112,16 @@ def watch(engine: AsyncEngine) -> None:
             return
         if pid is not None:
             orphans.append(pid)
+        # Cut the socket now: SQLAlchemy's graceful close, next, would wait up to
+        # 2 s for a server that may be unreachable (a stalled network), after the
+        # caller's deadline. The statement is cancelled on the server instead
+        # (cancel_orphans, in the background).
+        terminate = getattr(getattr(dbapi_connection, "driver_connection", None), "terminate", None)
+        if terminate is not None:
+            try:
+                terminate()
+            except Exception:  # pragma: no cover - already closed
+                logger.debug("tasksession: terminating %r failed", dbapi_connection, exc_info=True)
 
     event.listen(root, "invalidate", on_invalidate)
 
@@ -104,26 +134,31 @@ def watch_binding(binding: Binding) -> None:
 
 def has_orphans(engine: AsyncEngine | None) -> bool:
     """Whether statements of invalidated connections of ``engine`` may still be running."""
-    return engine is not None and bool(_ORPHANS.get(_root(engine.sync_engine)))
+    return engine is not None and bool(_ORPHANS.get(root_engine(engine.sync_engine)))
 
 
 async def cancel_orphans(engine: AsyncEngine) -> None:
     """Cancel the server-side statements of connections invalidated by a cancellation.
 
-    Run it shielded: it checks out a pooled connection (waiting at most
-    :data:`CANCEL_TIMEOUT` seconds for one) and sends one ``pg_cancel_backend``
-    query for all pending backends. Failures are logged, never raised: the
-    server ends an orphaned statement by itself eventually.
+    Sends one ``pg_cancel_backend`` query for all pending backends, within
+    :data:`CANCEL_TIMEOUT` seconds. On asyncpg it goes over a connection of its
+    own, opened with the engine's settings outside the pool (so that it never
+    takes a pooled connection from the application, nor shows as one checked
+    out); otherwise over a pooled connection. Failures are logged, never
+    raised: the server ends an orphaned statement by itself eventually.
     """
-    orphans = _ORPHANS.get(_root(engine.sync_engine))
+    orphans = _ORPHANS.get(root_engine(engine.sync_engine))
     if not orphans:
         return
     pids = list(orphans)
     orphans.clear()
     try:
         with anyio.fail_after(CANCEL_TIMEOUT):
-            async with engine.connect() as connection:
-                await connection.execute(_CANCEL, {"pids": pids})
+            if engine.dialect.driver == "asyncpg":
+                await _cancel_outside_the_pool(engine, pids)
+            else:
+                async with engine.connect() as connection:
+                    await connection.execute(_CANCEL, {"pids": pids})
     except Exception:
         logger.warning(
             "tasksession: could not cancel the statements that cancelled tasks left running "
@@ -131,3 +166,52 @@ async def cancel_orphans(engine: AsyncEngine) -> None:
             pids,
             exc_info=True,
         )
+
+
+async def _cancel_outside_the_pool(engine: AsyncEngine, pids: list[int]) -> None:
+    # The pool's creator opens a driver connection with everything the engine
+    # was given (URL, connect_args, do_connect listeners), without the pool.
+    adapter = await greenlet_spawn(engine.sync_engine.pool._creator)
+    driver = adapter.driver_connection
+    try:
+        await driver.execute(_CANCEL_ASYNCPG, pids)
+    finally:
+        driver.terminate()  # nothing to say to the server: closing costs no round trip
+
+
+def cancel_orphans_soon(engine: AsyncEngine) -> None:
+    """Start cancelling ``engine``'s orphaned statements in the background; return at once.
+
+    The scope teardown that finds orphans runs after its caller's deadline
+    (the cancellation that orphaned the statement): the cancel request, which
+    may wait for a connection over a stalled network, must not extend it. One
+    task per engine sends the requests, until no orphan is left.
+    """
+    root = root_engine(engine.sync_engine)
+    running = _CANCELLING.get(root)
+    if running is not None and not running.done():
+        return  # it takes the new orphans with the next request
+    _CANCELLING[root] = asyncio.get_running_loop().create_task(
+        _cancel_until_none_left(engine), name="tasksession: cancel orphaned statements"
+    )
+
+
+async def _cancel_until_none_left(engine: AsyncEngine) -> None:
+    root = root_engine(engine.sync_engine)
+    while _ORPHANS.get(root):
+        await cancel_orphans(engine)
+
+
+async def finish_cancelling(engines: list[AsyncEngine]) -> None:
+    """Wait for the background cancel requests of ``engines`` (before they are disposed).
+
+    Bounded: each request waits at most :data:`CANCEL_TIMEOUT` for a connection.
+    """
+    loop = asyncio.get_running_loop()
+    pending = []
+    for engine in engines:
+        task = _CANCELLING.get(root_engine(engine.sync_engine))
+        if task is not None and not task.done() and task.get_loop() is loop:
+            pending.append(task)
+    if pending:
+        await asyncio.wait(pending, timeout=CANCEL_TIMEOUT + 1.0)

@@ -17,7 +17,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from ._compat import get_running_loop_or_none
+from ._compat import current_task, get_running_loop_or_none
 from ._config import Binding, ManagerOptions, create_binding, split_options
 from ._errors import (
     CrossThreadError,
@@ -26,9 +26,10 @@ from ._errors import (
     PoolExhaustedError,
     ScopeClosedError,
 )
-from ._interrupt import watch_binding
+from ._interrupt import finish_cancelling, watch_binding
+from ._registry import ScopeRegistry
 from ._retry import RetryPolicy
-from ._scope import Scope
+from ._scope import Scope, visible_scope
 from ._session import is_materialized
 from ._stats import ManagerStatistics, ScopeInfo
 from ._task_group import SessionTaskGroup
@@ -75,7 +76,9 @@ class SessionManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = -1
         self._retired: list[Binding] = []
-        self._open_scopes: dict[Scope, None] = {}  # insertion-ordered set
+        self._open_scopes = ScopeRegistry()
+        # Scopes register themselves here (untouched ones; see _registry).
+        self._untouched_scopes = self._open_scopes.untouched
         self._replica_turn = itertools.count()
         self._scopes_entered = 0
         self._commits = 0
@@ -114,6 +117,12 @@ class SessionManager:
             scopes on a second pool of read-only autocommit connections: no BEGIN/ROLLBACK
             round trips, and PostgreSQL still refuses every write. ``stream()`` needs a
             transaction and is not available in those scopes.
+        :param commit_timeout: seconds a scope waits for the answer to its COMMIT
+            (default 10; ``None``: no bound). Past it, the connection is cut (asyncpg)
+            and the scope raises :class:`CommitOutcomeUnknownError`: the server may or
+            may not have committed. A COMMIT is never cut off earlier, whatever
+            cancels the caller. Raise it if commits legitimately wait longer (a
+            synchronous standby, say).
         :param engine_kwargs: anything else goes to
             :func:`~sqlalchemy.ext.asyncio.create_async_engine` (``pool_size=``, ``echo=``...).
         :raises UnsupportedDriverError: the URL names a synchronous driver.
@@ -164,6 +173,8 @@ class SessionManager:
         """
         bindings = [*self._retired, *([self._binding] if self._binding else [])]
         self._retired.clear()
+        # Statements orphaned by cancellations are being cancelled over these pools.
+        await finish_cancelling([binding.engine for binding in bindings])
         for binding in bindings:
             await binding.dispose()
 
@@ -267,9 +278,19 @@ class SessionManager:
         # only off the thread scopes last ran on (a worker thread, usually).
         if _get_ident() != self._thread and get_running_loop_or_none() is None:
             raise CrossThreadError(f"{self._label}.session")
-        if scope.closed:
-            raise ScopeClosedError(scope.name, f"{self._label}.session")
+        if scope.closed or scope._private_frame is not None:
+            return self._session_of_visible_scope(scope)
         return scope.session  # type: ignore[no-any-return]
+
+    def _session_of_visible_scope(self, scope: Scope) -> AsyncSession:
+        # The slow path of `session`: the variable's scope may not be this code's.
+        visible = visible_scope(scope, current_task())
+        if visible is None:
+            raise NoScopeError(self._label, reason=_why_not_visible(scope))
+        if visible.closed:
+            # Inherited from the task that started this one, and ended since.
+            raise ScopeClosedError(visible.name, f"{self._label}.session")
+        return visible.session  # type: ignore[no-any-return]
 
     # -- diagnostics -----------------------------------------------------------------
 
@@ -354,12 +375,46 @@ class SessionManager:
     def _count_teardown_failure(self) -> None:
         self._teardown_failures += 1
 
-    def _pool_exhausted(self, error: sa_exc.TimeoutError) -> PoolExhaustedError:
-        binding = self._binding
-        status = binding.engine.sync_engine.pool.status() if binding is not None else "no pool"
-        holders = [_scope_info(scope) for scope in self._open_scopes if scope.holds_connection]
+    def _pool_exhausted(self, error: sa_exc.TimeoutError, bind: Any = None) -> PoolExhaustedError:
+        """The :class:`PoolExhaustedError` for a checkout from ``bind``'s pool that timed out.
+
+        ``bind`` is the engine of the session whose checkout timed out (default:
+        the primary): its pool's status is reported, and the scopes holding
+        connections *of that pool*, not of the manager's other pools (the
+        ``readonly_autocommit`` pool, replicas).
+        """
+
+        def pool_of(engine: Any) -> Any:  # an AsyncEngine's or AsyncConnection's pool
+            return getattr(getattr(engine, "sync_engine", None), "pool", None)
+
+        if bind is None and self._binding is not None:
+            bind = self._binding.engine
+        pool = pool_of(bind)
+        if pool is None:
+            return PoolExhaustedError("no pool", [])
+
+        def holds_from_pool(scope: Scope) -> bool:
+            # A scope's session is bound to one engine (Scope.engine): the
+            # connections it holds come from that engine's pool.
+            return scope.holds_connection and pool_of(scope.session.bind) is pool
+
+        holders = [_scope_info(scope) for scope in self._open_scopes if holds_from_pool(scope)]
         holders.sort(key=lambda info: -info.age)
-        return PoolExhaustedError(status, holders)
+        return PoolExhaustedError(pool.status(), holders)
+
+
+def _why_not_visible(scope: Scope) -> str:
+    """Why ``scope``, the ContextVar's value, is not the running code's scope."""
+    if scope.closed:
+        return (
+            f"the last scope this task entered, {scope.name!r}, has ended (scopes were "
+            "exited out of order: an outer scope ended before an inner one)"
+        )
+    return (
+        f"the innermost scope, {scope.name!r} (opened at {scope.opened_at}), belongs to an "
+        "async generator that is suspended at a `yield`: a scope opened inside an async "
+        "generator covers the generator's own code, not the code iterating it"
+    )
 
 
 def _call_int(pool: Any, method: str) -> int | None:

@@ -129,7 +129,11 @@ def is_materialized(session: AsyncSession) -> bool:
 def _pool_exhausted(session: Any, error: sa_exc.TimeoutError) -> BaseException:
     if isinstance(error, PoolExhaustedError):
         return error
-    exhausted: PoolExhaustedError = session._ts_scope.manager._pool_exhausted(error)
+    # The pool that timed out is the one of the engine this session is bound to
+    # (a readonly scope's may be the readonly_autocommit pool or a replica's).
+    # The session is built by now (a checkout ran); the check keeps it unbuilt if not.
+    bind = session.bind if is_materialized(session) else None
+    exhausted: PoolExhaustedError = session._ts_scope.manager._pool_exhausted(error, bind)
     return exhausted
 
 
@@ -340,7 +344,7 @@ def _make_getattr(base: type[AsyncSession], built: type[AsyncSession]) -> Callab
                     **scope.binding.session_kwargs,
                 )
             else:
-                base_init(self, bind=scope.engine, **scope.binding.session_kwargs)
+                base_init(self, bind=scope.engine, **scope.binding.write_session_kwargs)
         except BaseException:
             self.__class__ = lazy
             raise

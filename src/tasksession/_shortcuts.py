@@ -41,6 +41,8 @@ __all__ = [
     "commit_through_the_driver",
     "commits_like_its_connections",
     "driver_commit",
+    "is_asyncpg",
+    "terminate_asyncpg",
 ]
 
 _session_commit = Session.commit
@@ -115,6 +117,26 @@ def _asyncpg_underneath(connection: Any) -> tuple[Any, AsyncAdapt_asyncpg_connec
     if not isinstance(adapter, AsyncAdapt_asyncpg_connection):
         return None
     return fairy, adapter
+
+
+def is_asyncpg(connection: Any) -> bool:
+    """Whether ``connection`` (a Connection) runs on asyncpg (or holds no driver connection)."""
+    fairy = connection._dbapi_connection
+    return fairy is None or isinstance(fairy.dbapi_connection, AsyncAdapt_asyncpg_connection)
+
+
+def terminate_asyncpg(connection: Any) -> bool:
+    """Cut ``connection``'s asyncpg connection at once (no I/O, no waiting); False if not asyncpg.
+
+    A round trip awaited on it fails at once with a lost-connection error; the
+    server rolls back whatever it had not committed. SQLAlchemy still has to be
+    told (invalidate), which then costs nothing more.
+    """
+    pooled = _asyncpg_underneath(connection)
+    if pooled is None:
+        return False
+    pooled[1]._connection.terminate()
+    return True
 
 
 def _pool_keeps_it_quietly(fairy: Any) -> bool:

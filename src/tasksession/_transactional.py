@@ -3,8 +3,9 @@
 Each call opens a scope around the function (so ``db.session`` works inside
 it), commits when it returns, rolls back when it raises. With a
 :class:`~tasksession.RetryPolicy`, a call that failed with a retryable error
-(serialization failure, deadlock, lost connection) is run again **from the
-start, in a new scope**, after a jittered backoff.
+(serialization failure, deadlock, lost connection, a connection that could
+not be opened) is run again **from the start, in a new scope**, after a
+jittered backoff.
 
 Two cases are never retried:
 
@@ -13,9 +14,10 @@ Two cases are never retried:
   before it was called. The error propagates to the outer unit, which is
   where a retry belongs (an outer ``@db.transactional(retry=...)`` re-runs
   everything, the inner call included);
-* **a connection lost during COMMIT**: the database may or may not have
-  committed. That raises :class:`~tasksession.CommitOutcomeUnknownError`
-  (with or without a policy), never a retry.
+* **a COMMIT that got no answer** (lost connection, timeout): the database
+  may or may not have committed. The scope raises
+  :class:`~tasksession.CommitOutcomeUnknownError`, which is never retried,
+  whatever the policy's ``exceptions`` say.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
-from sqlalchemy import exc as sa_exc
 
 from ._errors import CommitOutcomeUnknownError
-from ._retry import RetryPolicy, is_disconnect
+from ._retry import RetryPolicy
 from ._scope import _OWN
 
 if TYPE_CHECKING:
@@ -85,13 +86,6 @@ def transactional(
     return decorate
 
 
-def _commit_was_lost(error: BaseException) -> bool:
-    # Raised by the scope's exit after the body returned: the commit failed.
-    # SQLAlchemy reports a failed COMMIT (unlike a failed flush statement)
-    # with no statement; a disconnect there leaves the outcome unknown.
-    return isinstance(error, sa_exc.DBAPIError) and error.statement is None and is_disconnect(error)
-
-
 async def run_unit(
     manager: SessionManager,
     body: Callable[[], Awaitable[R]],
@@ -109,20 +103,25 @@ async def run_unit(
     while True:
         attempt += 1
         scope = manager.scope(name=name, readonly=readonly)
-        returned = False
         try:
             async with scope:
                 result = await body()
-                returned = True
             return result
+        except CommitOutcomeUnknownError as error:
+            # Committed or not, nobody knows: never run it again, whatever the policy.
+            error.attempt = attempt
+            if policy is not None and policy.attempts > 1:
+                error.add_note(
+                    f"tasksession: unit {name!r} was not retried (attempt {attempt} of "
+                    f"{policy.attempts}): its COMMIT may have been applied."
+                )
+            raise
         except Exception as error:
             reason = policy.reason(error) if policy is not None else None
             if scope._kind != _OWN:  # joined the caller's open scope: it owns the transaction
                 if reason is not None:
                     error.add_note(_JOINED_NOTE.format(name=name))
                 raise
-            if returned and _commit_was_lost(error):
-                raise CommitOutcomeUnknownError(name, error, attempt) from error
             if reason is None or policy is None:
                 raise
             if attempt >= policy.attempts:

@@ -63,12 +63,15 @@ async def run_worker(
 
     * Each step runs in a fresh scope: committed when it returns, rolled back
       when it raises. Inside it, :attr:`SessionManager.session` is the same session.
-    * A step that fails with a serialization failure, a deadlock or a lost
-      connection is re-run per ``retry`` (a new scope each time).
+    * A step that fails with a serialization failure, a deadlock, a lost
+      connection, or a connection that could not be opened (refused or reset
+      while connecting: nothing was sent) is re-run per ``retry`` (a new scope
+      each time).
     * A step that still fails is logged with its traceback on the
       ``tasksession.workers`` logger, the loop waits (``retry``'s backoff,
-      growing with consecutive failures) and goes on. A connection lost during
-      COMMIT is logged the same way, as :class:`~tasksession.CommitOutcomeUnknownError`.
+      growing with consecutive failures) and goes on. A COMMIT that got no
+      answer is logged the same way, as :class:`~tasksession.CommitOutcomeUnknownError`,
+      and never re-run (the step may have been applied).
     * ``stop.set()`` lets the running steps finish, then ``run_worker`` returns.
     * Cancelling ``run_worker`` cancels the running steps: their scopes roll back
       (nothing half-committed) and the cancellation propagates.
