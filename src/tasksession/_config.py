@@ -32,6 +32,7 @@ from ._errors import UnsupportedDriverError
 from ._guard import GUARD_MODES
 from ._interrupt import root_engine
 from ._session import session_class_for
+from ._watchdog import CommitWatchdog
 
 __all__ = ["Binding", "ManagerOptions", "check_async_url", "create_binding", "split_options"]
 
@@ -525,6 +526,8 @@ class Binding:
     #: What writable scopes' sessions are built with (default: ``session_kwargs``);
     #: on SQLite the sync session class that makes their transactions begin IMMEDIATE.
     write_session_kwargs: dict[str, Any] = None  # type: ignore[assignment]
+    #: Bounds the wait for this configuration's COMMITs (``options.commit_timeout``).
+    commit_watchdog: CommitWatchdog = field(default_factory=CommitWatchdog)
 
     def __post_init__(self) -> None:
         if self.write_session_kwargs is None:

@@ -584,12 +584,10 @@ class Scope:
         :param sent: ``commit`` starts with the COMMIT (the short ways); otherwise
             SQLAlchemy's transaction state says whether it got that far.
         """
-        timeout = self.binding.options.commit_timeout if self.binding is not None else None
-        timer = (
-            session._ts_loop.call_later(timeout, self._abandon_commit, session, timeout)
-            if timeout is not None
-            else None
-        )
+        binding: Binding = self.binding  # type: ignore[assignment]  # an entered scope's
+        timeout = binding.options.commit_timeout
+        if timeout is not None:
+            binding.commit_watchdog.watch(session, timeout, session._ts_loop)
         try:
             await commit
         except BaseException as error:
@@ -622,13 +620,15 @@ class Scope:
                 )
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if timeout is not None:
+                binding.commit_watchdog.done(session)
         self._outcome = COMMITTED
         self.manager._count_end(self, "commit")
 
-    def _abandon_commit(self, session: Any, timeout: float) -> None:
+    def abandon_commit(self, session: Any) -> None:
         """``commit_timeout`` ran out: cut the connection so that the waiting COMMIT ends.
+
+        Called by the binding's :class:`~._watchdog.CommitWatchdog`.
 
         The server may have committed or not; its answer will never be read. A
         connection that cannot be cut at once (not asyncpg) is waited for.
@@ -644,7 +644,7 @@ class Scope:
             self.name,
             self.owner_name,
             self.opened_at,
-            timeout,
+            self.binding.options.commit_timeout if self.binding is not None else None,
         )
 
     async def _close_quietly(self, session: Any, original: BaseException | None) -> None:
