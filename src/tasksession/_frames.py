@@ -26,13 +26,11 @@ on every scope entry otherwise).
 
 from __future__ import annotations
 
-import inspect
 import sys
 from types import FrameType
 
 __all__ = ["is_running", "private_frame"]
 
-_ASYNC_GENERATOR = inspect.CO_ASYNC_GENERATOR
 _getframe = sys._getframe
 
 # Code that resumes a generator on behalf of the code it wraps (context
@@ -50,10 +48,9 @@ _DRIVERS = (
 def private_frame(opener: FrameType) -> FrameType | None:
     """The generator frame a scope opened in ``opener`` is private to, or None.
 
-    :param opener: the frame running ``async with db.scope()``.
+    :param opener: the frame running ``async with db.scope()``; the caller has
+        checked that its code is an async generator's (``inspect.CO_ASYNC_GENERATOR``).
     """
-    if not opener.f_code.co_flags & _ASYNC_GENERATOR:
-        return None
     resumer = opener.f_back
     if resumer is None:
         return None

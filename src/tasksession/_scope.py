@@ -16,7 +16,15 @@ always when readonly; then it closes the session. The part that does I/O runs
 shielded from anyio cancellation; a COMMIT also runs in a task of its own so that
 even a native ``Task.cancel()`` cannot stop it half-way (a ROLLBACK cut short
 just costs its connection). A failure there is logged and added as a note to the
-original exception, never raised in its place.
+original exception, never raised in its place. A savepoint's RELEASE or
+ROLLBACK TO SAVEPOINT runs in a task of its own too.
+
+How the unit ended is recorded (:attr:`Scope.outcome`): a COMMIT that got no
+answer raises :class:`CommitOutcomeUnknownError` (see :mod:`._outcome`), its wait
+bounded by ``commit_timeout`` (see :mod:`._watchdog`); a native cancellation
+re-raised by the exit carries the outcome. The ContextVar's value is not always
+the running code's scope (scopes exited out of order, a suspended async
+generator's scope): :func:`visible_scope` finds the one it is inside.
 """
 
 from __future__ import annotations
