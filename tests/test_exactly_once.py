@@ -504,3 +504,27 @@ async def test_a_savepoint_scope_says_whether_it_was_released(db: SessionManager
         rolled_back.outcome,
         joined.outcome,
     )
+
+
+@pytest.mark.parametrize("path", ["orm", "driver"])
+async def test_a_commit_the_server_rejected_is_a_known_rollback(
+    pg_db: SessionManager, path: str
+) -> None:
+    # A deferred constraint fails at COMMIT: the server answered, so nothing is unknown.
+    db = pg_db
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "ALTER TABLE users DROP CONSTRAINT users_name_key, "
+                "ADD CONSTRAINT users_name_unique UNIQUE (name) DEFERRABLE INITIALLY DEFERRED"
+            )
+        )
+    scope = db.scope()
+    with pytest.raises(sa_exc.IntegrityError):
+        async with scope as session:
+            if path == "orm":  # flushed by Session.commit(), then COMMIT
+                session.add_all([User(id=1, name="twin"), User(id=2, name="twin")])
+            else:  # nothing left for the ORM: the COMMIT goes through asyncpg itself
+                await session.execute(text("INSERT INTO users VALUES (1, 'twin'), (2, 'twin')"))
+    assert "rolled back" == scope.outcome
+    assert 0 == checked_out(db)
