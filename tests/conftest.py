@@ -15,15 +15,17 @@ Fixtures:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tasksession import SessionManager
 
 from .models import Base, User
+from .postgres_server import PostgresServer
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -37,6 +39,23 @@ async def reset_tables(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
         await conn.run_sync(Base.metadata.create_all)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll ``check`` until it is true; fail after 10 seconds."""
+    with anyio.fail_after(10):
+        while True:
+            if await check():
+                return
+            await anyio.sleep(0.01)
+
+
+@pytest.fixture
+def self_started(postgres_server: PostgresServer) -> PostgresServer:
+    """The PostgreSQL server, for tests that inject faults: only a cluster the tests started."""
+    if not postgres_server.self_started:
+        pytest.skip("injects faults: only on a PostgreSQL cluster the tests started")
+    return postgres_server
 
 
 def checked_out(manager: SessionManager) -> int:

@@ -73,7 +73,6 @@ __all__ = [
     "reported_outcome",
     "reset_fault_table",
     "restart_server",
-    "settled_checked_out",
     "restart_under_load",
     "terminate_storm",
 ]
@@ -363,23 +362,6 @@ async def idle_in_transaction(admin: AsyncEngine, within: float = 3.0) -> list[s
     return found
 
 
-async def settled_checked_out(db: SessionManager, within: float = 5.0) -> int | None:
-    """Connections checked out of ``db``'s pool once background work had ``within`` seconds.
-
-    A statement that a cancellation orphaned is cancelled on the server in the
-    background (so as not to extend the cancelled caller's deadline), over a pooled
-    connection: that connection comes back a moment after the unit ended.
-    """
-    checked_out = db.statistics().pool_checked_out
-    with anyio.move_on_after(within):
-        while True:
-            checked_out = db.statistics().pool_checked_out
-            if not checked_out:
-                break
-            await anyio.sleep(0.01)
-    return checked_out
-
-
 async def check_invariants(
     scenario: str,
     ledger: Ledger,
@@ -390,7 +372,7 @@ async def check_invariants(
 ) -> Report:
     """Compare what the units reported with the database and the manager's pool."""
     records = ledger.records
-    checked_out = await settled_checked_out(db)
+    checked_out = db.statistics().pool_checked_out
     async with admin.connect() as conn:
         counts = {
             unit: int(n)

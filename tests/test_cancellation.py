@@ -35,6 +35,8 @@ from sqlalchemy.util import await_only
 
 from tasksession import SessionManager
 
+from .conftest import eventually
+
 pytestmark = pytest.mark.anyio
 
 APP = "ts-cancel-victim"
@@ -122,15 +124,6 @@ async def victim_backends(admin: AsyncEngine) -> list[tuple[str, str]]:
             {"app": APP},
         )
         return [(state, query) for state, query in rows]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll ``check`` until it is true; fail after 10 seconds."""
-    with anyio.fail_after(10):
-        while True:
-            if await check():
-                return
-            await anyio.sleep(0.01)
 
 
 async def wait_for_backend(admin: AsyncEngine, state: str, query_start: str) -> None:

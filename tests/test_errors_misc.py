@@ -32,7 +32,6 @@ from tasksession import PoolExhaustedError, SessionManager
 from tasksession._retry import lost_connection_note
 
 from .conftest import _managed
-from .postgres_server import PostgresServer
 
 pytestmark = pytest.mark.anyio
 
@@ -120,12 +119,6 @@ async def test_pool_exhaustion_of_the_primary_pool_leaves_out_the_readonly_holde
 
 
 # -- a connection the server closed says so ----------------------------------------------
-
-
-@pytest.fixture
-def self_started(postgres_server: PostgresServer) -> None:
-    if not postgres_server.self_started:
-        pytest.skip("terminates backends: only on a PostgreSQL cluster the tests started")
 
 
 def terminate_while_the_loop_waits(url: str, pid: int) -> None:

@@ -35,7 +35,7 @@ from tasksession import (
     SessionManager,
 )
 
-from .conftest import checked_out, reset_tables
+from .conftest import checked_out, eventually, reset_tables
 from .gate import Gate
 from .models import User
 from .postgres_server import PostgresServer
@@ -43,13 +43,6 @@ from .postgres_server import PostgresServer
 pytestmark = pytest.mark.anyio
 
 APP = "ts-exactly-once"
-
-
-@pytest.fixture
-def self_started(postgres_server: PostgresServer) -> PostgresServer:
-    if not postgres_server.self_started:
-        pytest.skip("pauses server processes: only on a PostgreSQL cluster the tests started")
-    return postgres_server
 
 
 @pytest.fixture
@@ -89,15 +82,6 @@ async def users_named(admin: AsyncEngine, name: str) -> int:
             await conn.scalar(text("SELECT count(*) FROM users WHERE name LIKE :n"), {"n": name})
             or 0
         )
-
-
-async def eventually(check: Any) -> None:
-    """Poll ``check`` until it is true; fail after 10 seconds."""
-    with anyio.fail_after(10):
-        while True:
-            if await check():
-                return
-            await anyio.sleep(0.01)
 
 
 async def assert_clean(db: SessionManager, admin: AsyncEngine) -> None:

@@ -30,8 +30,6 @@ from tasksession import (
 )
 from tasksession._retry import is_disconnect, sqlstate_of
 
-from .postgres_server import PostgresServer
-
 pytestmark = pytest.mark.anyio
 
 FAST = RetryPolicy(attempts=10, backoff=0.001, max_backoff=0.01)
@@ -74,12 +72,6 @@ async def serializable_db(postgres_url: str, admin: AsyncEngine) -> AsyncIterato
         assert 0 == manager.statistics().pool_checked_out
     finally:
         await manager.dispose()
-
-
-@pytest.fixture
-def self_started(postgres_server: PostgresServer) -> None:
-    if not postgres_server.self_started:
-        pytest.skip("terminates backends: only on a PostgreSQL cluster the tests started")
 
 
 async def counter(admin: AsyncEngine, row: int = 1) -> int:

@@ -56,7 +56,6 @@ from .faults import (
     recording_warnings,
     reported_outcome,
     reset_fault_table,
-    settled_checked_out,
 )
 
 Path = tuple[int | str, ...]
@@ -719,7 +718,7 @@ class Machine:
                 problems.append(f"row {unit} exists but must not: {self._chain(trace, path)}")
         if rows:
             problems.append(f"rows no insert wrote: {sorted(rows)}")
-        checked_out = await settled_checked_out(self.db)
+        checked_out = self.db.statistics().pool_checked_out
         if checked_out:
             problems.append(f"{checked_out} connection(s) still checked out")
         if self.db.active_scopes():
