@@ -188,6 +188,10 @@ async def _discard_soon(connections: list[Connection]) -> None:
         await greenlet_spawn(_discard, connections)
 
 
+class _RolledBack(Exception):
+    """Why an integration ended a scope with a rollback (:meth:`Scope.end`)."""
+
+
 class Scope:
     """One unit of work. Created by :meth:`SessionManager.scope`; use it with ``async with``."""
 
@@ -411,6 +415,29 @@ class Scope:
         return current.session  # type: ignore[no-any-return]
 
     # -- exiting ------------------------------------------------------------------
+
+    async def end(self, commit: bool, reason: BaseException | str | None = None) -> None:
+        """End the unit now, as the end of its ``async with`` block would: for integrations.
+
+        A framework that decides when a unit ends (``tasksession.tornado`` commits
+        before the response is sent, rolls back on an error status) calls this
+        instead of the block's ``__aexit__``. Entering stays ``async with`` or
+        ``await scope.__aenter__()``.
+
+        :param commit: commit (if anything happened; a readonly scope never commits)
+            or roll back.
+        :param reason: why it rolls back: the exception being handled (notes about
+            a failed rollback are added to it) or a few words for the logs.
+        :raises Exception: the commit failed (the unit was rolled back, or its
+            outcome is unknown: :class:`CommitOutcomeUnknownError`).
+        """
+        if commit:
+            await self.__aexit__(None, None, None)
+            return
+        cause = (
+            reason if isinstance(reason, BaseException) else _RolledBack(reason or "rolled back")
+        )
+        await self.__aexit__(type(cause), cause, cause.__traceback__)
 
     async def __aexit__(
         self,
