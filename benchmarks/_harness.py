@@ -33,7 +33,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["FINE", "Args", "Row", "Table", "Target", "Variant", "calibrate", "micro", "throughput"]
+__all__ = [
+    "ANCHOR_EMPTY_AWAIT_US",
+    "FINE",
+    "Args",
+    "Row",
+    "Table",
+    "Target",
+    "Variant",
+    "calibrate",
+    "micro",
+    "paired_rows",
+    "rotations",
+    "throughput",
+]
 
 Op = Callable[[], Awaitable[object]]
 
@@ -41,6 +54,8 @@ Op = Callable[[], Awaitable[object]]
 #: second; slicing the same total time into FINE-times more, shorter rounds pairs
 #: the variants more closely (both see the same background load).
 FINE = 4
+#: perf-anchors.md, "baseline: await of an empty coroutine" on the anchor box (µs).
+ANCHOR_EMPTY_AWAIT_US = 0.088
 
 
 @dataclass
@@ -104,6 +119,9 @@ class Row:
     ratio: float | None = None
     ratio_range: tuple[float, float] | None = None
     cpu_ratio: float | None = None
+    #: the paired ratios of every round, of which ``ratio`` and ``cpu_ratio`` are the medians
+    ratios: list[float] = field(default_factory=list)
+    cpu_ratios: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -151,8 +169,39 @@ def _median_range(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
     return statistics.median(values), (min(values), max(values))
 
 
-def _rotations(count: int, rounds: int) -> list[list[int]]:
+def rotations(count: int, rounds: int) -> list[list[int]]:
+    """The order of ``count`` variants in each of ``rounds`` rounds: rotated by one per round."""
     return [[(start + i) % count for i in range(count)] for start in range(rounds)]
+
+
+def paired_rows(
+    names: Sequence[str],
+    rates: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    reference: str,
+) -> list[Row]:
+    """Throughput rows from each round's ops/s and client CPU µs/op, paired per round."""
+    rows = []
+    for name in names:
+        us_median, us_spread = _median_range([1e6 / r for r in rates[name]])
+        ratios = [r / ref for r, ref in zip(rates[name], rates[reference], strict=True)]
+        ratio, ratio_range = _median_range(ratios)
+        cpu_ratios = [c / ref for c, ref in zip(cpu[name], cpu[reference], strict=True)]
+        rows.append(
+            Row(
+                name,
+                us_median,
+                us_spread,
+                ops_per_s=statistics.median(rates[name]),
+                cpu_us_per_op=statistics.median(cpu[name]),
+                ratio=ratio,
+                ratio_range=ratio_range,
+                cpu_ratio=statistics.median(cpu_ratios),
+                ratios=ratios,
+                cpu_ratios=cpu_ratios,
+            )
+        )
+    return rows
 
 
 async def micro(
@@ -167,7 +216,7 @@ async def micro(
     for v in variants:  # warm-up
         for _ in range(min(number // 10, 2000)):
             await v.op()
-    for order in _rotations(len(variants), repeats):
+    for order in rotations(len(variants), repeats):
         for index in order:
             v = variants[index]
             op = v.op
@@ -185,7 +234,9 @@ async def micro(
         # report the cost ratio variant/ref instead (lower is better), clearly labelled.
         ratios = [t / r for t, r in zip(times, ref, strict=True)]
         ratio, ratio_range = _median_range(ratios)
-        rows.append(Row(v.name, median, spread, ratio=ratio, ratio_range=ratio_range))
+        rows.append(
+            Row(v.name, median, spread, ratio=ratio, ratio_range=ratio_range, ratios=ratios)
+        )
     table = Table(rows, reference, "micro: cost ratio = µs(variant) / µs(reference)")
     return table
 
@@ -222,37 +273,14 @@ async def throughput(
 
     for v in variants:
         await run_for(v.op, warmup)
-    for order in _rotations(len(variants), rounds):
+    for order in rotations(len(variants), rounds):
         for index in order:
             v = variants[index]
             gc.collect()
             count, wall, cpu_time = await run_for(v.op, seconds)
             ops[v.name].append(count / wall)
             cpu[v.name].append(cpu_time / max(count, 1) * 1e6)
-    rows = []
-    for v in variants:
-        rates = ops[v.name]
-        median_rate, _ = _median_range(rates)
-        us = [1e6 / r for r in rates]
-        us_median, us_spread = _median_range(us)
-        ratios = [r / ref for r, ref in zip(rates, ops[reference], strict=True)]
-        ratio, ratio_range = _median_range(ratios)
-        cpu_median = statistics.median(cpu[v.name])
-        cpu_ratio = statistics.median(
-            c / ref for c, ref in zip(cpu[v.name], cpu[reference], strict=True)
-        )
-        rows.append(
-            Row(
-                v.name,
-                us_median,
-                us_spread,
-                ops_per_s=median_rate,
-                cpu_us_per_op=cpu_median,
-                ratio=ratio,
-                ratio_range=ratio_range,
-                cpu_ratio=cpu_ratio,
-            )
-        )
+    rows = paired_rows([v.name for v in variants], ops, cpu, reference)
     return Table(
         rows,
         reference,
@@ -274,7 +302,7 @@ async def calibrate() -> str:
         for _ in range(number):
             await empty()
         best = min(best, (time.perf_counter() - start) / number * 1e6)
-    anchor = 0.088  # µs, "await of an empty coroutine" on the anchor box
+    anchor = ANCHOR_EMPTY_AWAIT_US
     return (
         f"calibration: await of an empty coroutine = {best:.3f} µs "
         f"(anchor box: {anchor} µs; this machine is {best / anchor:.2f}x the anchor's cost now)"

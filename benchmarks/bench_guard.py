@@ -16,30 +16,19 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from sqlalchemy import Integer, String, insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tasksession import SessionManager
 
-from ._db import postgres_url
-from ._harness import FINE, Args, Target, Variant, micro, throughput
+from ._db import Base, ItemColumns, postgres_url, recreate
+from ._harness import ANCHOR_EMPTY_AWAIT_US, FINE, Args, Target, Variant, micro, throughput
 
 ROWS = 10_000
 GUARD_BUDGET_US = 0.5
-#: perf-anchors.md, "baseline: await of an empty coroutine" on the anchor box.
-ANCHOR_EMPTY_AWAIT_US = 0.088
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
+class Item(ItemColumns, Base):
     __tablename__ = "bench_guard_items"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
 
 
 class NoIOSession(AsyncSession):
@@ -50,13 +39,6 @@ class NoIOSession(AsyncSession):
 
     def add(self, instance: object, _warn: bool = True) -> None:
         return None
-
-
-async def setup(db: SessionManager) -> None:
-    async with db.engine.begin() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
-        await conn.execute(insert(Item), [{"id": i, "name": f"item {i}"} for i in range(ROWS)])
 
 
 async def guard_alone(url: str, args: Args) -> None:
@@ -172,7 +154,7 @@ async def pk_get(url: str, args: Args) -> None:
         SessionManager(url, pool_size=2, guard="concurrent") as on,
         SessionManager(url, pool_size=2, guard="off") as off,
     ):
-        await setup(on)
+        await recreate(on.engine, Item, ROWS)
         rng = random.Random(42)
 
         scope_on, scope_off = on.scope(), off.scope()

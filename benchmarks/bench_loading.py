@@ -11,39 +11,22 @@ loaded attributes should cost the same with and without it.
 
 from __future__ import annotations
 
-import tempfile
-
-from sqlalchemy import Integer, String, insert, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import String, select
+from sqlalchemy.orm import Mapped, mapped_column
 
 from tasksession import SessionManager, _loading
 
-from ._db import postgres_url
+from ._db import Base, ItemColumns, postgres_url, recreate, sqlite_url
 from ._harness import FINE, Args, Target, Variant, throughput
 
 ROWS = 1_000
 BATCH = 100
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
+class Item(ItemColumns, Base):
     __tablename__ = "bench_loading_items"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
     note: Mapped[str] = mapped_column(String(50))
-
-
-async def setup(db: SessionManager) -> None:
-    async with db.engine.begin() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
-        await conn.execute(
-            insert(Item), [{"id": i, "name": f"item {i}", "note": "n"} for i in range(ROWS)]
-        )
 
 
 async def compare(db: SessionManager, args: Args, title: str) -> None:
@@ -88,9 +71,9 @@ async def compare(db: SessionManager, args: Args, title: str) -> None:
 async def main(args: Args) -> None:
     with postgres_url() as url:
         async with SessionManager(url) as db:
-            await setup(db)
+            await recreate(db.engine, Item, ROWS, note="n")
             await compare(db, args, "100-row ORM select in a scope, PostgreSQL (asyncpg)")
-    with tempfile.TemporaryDirectory() as directory:
-        async with SessionManager(f"sqlite+aiosqlite:///{directory}/bench.db") as db:
-            await setup(db)
+    with sqlite_url() as url:
+        async with SessionManager(url) as db:
+            await recreate(db.engine, Item, ROWS, note="n")
             await compare(db, args, "100-row ORM select in a scope, SQLite (aiosqlite)")

@@ -15,42 +15,24 @@ from __future__ import annotations
 
 import random
 
-from sqlalchemy import Integer, String, insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tasksession import SessionManager
 
-from ._db import postgres_url
-from ._harness import FINE, Args, Target, Variant, micro, throughput
+from ._db import Base, ItemColumns, postgres_url, recreate
+from ._harness import ANCHOR_EMPTY_AWAIT_US, FINE, Args, Target, Variant, micro, throughput
 
 ROWS = 10_000
-#: perf-anchors.md, "baseline: await of an empty coroutine" on the anchor box.
-ANCHOR_EMPTY_AWAIT_US = 0.088
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
+class Item(ItemColumns, Base):
     __tablename__ = "bench_items"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
-
-
-async def setup(db: SessionManager) -> None:
-    async with db.engine.begin() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
-        await conn.execute(insert(Item), [{"id": i, "name": f"item {i}"} for i in range(ROWS)])
 
 
 async def main(args: Args) -> None:
     with postgres_url() as url:
         async with SessionManager(url, pool_size=10) as db:
-            await setup(db)
+            await recreate(db.engine, Item, ROWS)
             engine = db.engine
 
             async def bare_await() -> None:

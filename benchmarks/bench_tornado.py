@@ -48,10 +48,8 @@ import time
 import urllib.request
 from typing import Any
 
-from sqlalchemy import Integer, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from ._harness import Args, Row, Table, Target
+from ._db import Base, ItemColumns, postgres_url, recreate
+from ._harness import Args, Table, Target, paired_rows, rotations
 
 ROWS = 10_000
 CONNECTIONS = 50
@@ -79,15 +77,8 @@ end
 # -- the server (runs in its own process) ---------------------------------------------
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
+class Item(ItemColumns, Base):
     __tablename__ = "bench_tornado_items"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
 
 
 def serve(url: str, port: int) -> None:
@@ -202,22 +193,13 @@ def serve(url: str, port: int) -> None:
 
 
 async def setup(url: str) -> None:
-    from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine(url)
-    async with engine.begin() as conn:
-        await conn.execute(text("DROP TABLE IF EXISTS bench_tornado_items"))
-        await conn.execute(
-            text("CREATE TABLE bench_tornado_items (id int PRIMARY KEY, name varchar(50))")
-        )
-        await conn.execute(
-            text(
-                "INSERT INTO bench_tornado_items SELECT i, 'item ' || i FROM generate_series(0, :n) i"
-            ),
-            {"n": ROWS - 1},
-        )
-    await engine.dispose()
+    try:
+        await recreate(engine, Item, ROWS)
+    finally:
+        await engine.dispose()
 
 
 def _free_port() -> int:
@@ -288,9 +270,8 @@ def _load(
             for path in paths:  # warm-up: connections, statement caches
                 _wrk(base + path, script, 1)
             rng = random.Random(5)
-            for round_index in range(rounds):
-                shift = round_index % len(paths)
-                for path in paths[shift:] + paths[:shift]:
+            for order in rotations(len(paths), rounds):
+                for path in (paths[index] for index in order):
                     gc_before = _gc_seconds(base)
                     cpu_before = _cpu_seconds(server.pid)
                     requests, duration, timeouts = _wrk(base + path, script, seconds)
@@ -314,8 +295,6 @@ async def main(args: Args) -> None:
             "apt-get install wrk"
         )
         return
-    from ._db import postgres_url
-
     seconds = 2 if args.quick else max(3, round(args.seconds * 4))
     rounds = args.rounds
     with postgres_url() as url:
@@ -323,23 +302,9 @@ async def main(args: Args) -> None:
         rates, cpu, collecting, total_timeouts = await asyncio.to_thread(
             _load, url, rounds, seconds
         )
-    reference = "/hand/"
-    rows = []
-    for path in VARIANTS:
-        ratios = [r / ref for r, ref in zip(rates[path], rates[reference], strict=True)]
-        cpu_ratios = [c / ref for c, ref in zip(cpu[path], cpu[reference], strict=True)]
-        rows.append(
-            Row(
-                VARIANTS[path],
-                statistics.median(1e6 / r for r in rates[path]),
-                (1e6 / max(rates[path]), 1e6 / min(rates[path])),
-                ops_per_s=statistics.median(rates[path]),
-                cpu_us_per_op=statistics.median(cpu[path]),
-                ratio=statistics.median(ratios),
-                ratio_range=(min(ratios), max(ratios)),
-                cpu_ratio=statistics.median(cpu_ratios),
-            )
-        )
+    rows = paired_rows(list(VARIANTS), rates, cpu, "/hand/")
+    for row in rows:
+        row.name = VARIANTS[row.name]
     # kind "throughput" makes the harness print the ops/s and CPU columns.
     table = Table(rows, REFERENCE, "throughput")
     table.notes.append(

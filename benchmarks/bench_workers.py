@@ -19,26 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 
 import anyio
 from sqlalchemy import Integer, String, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from tasksession import SessionManager
 from tasksession.workers import run_worker
 
-from ._db import postgres_url
-from ._harness import Args, Row, Table, Target
+from ._db import Base, postgres_url, recreate
+from ._harness import Args, Table, Target, paired_rows, rotations
 
 WORKERS = 10
-
-
-class Base(DeclarativeBase):
-    pass
 
 
 class BenchJob(Base):
@@ -111,9 +106,8 @@ async def main(args: Args) -> None:
         engine = create_async_engine(url, pool_size=WORKERS, max_overflow=0)
         db = SessionManager(url, pool_size=WORKERS, max_overflow=0)
         try:
+            await recreate(admin, BenchJob)
             async with admin.connect() as conn:
-                await conn.run_sync(Base.metadata.drop_all)
-                await conn.run_sync(Base.metadata.create_all)
                 await conn.execute(
                     text(
                         "CREATE INDEX bench_jobs_pending ON bench_jobs (id) "
@@ -147,9 +141,9 @@ async def measure(
     for name in names:  # warm-up: connections, statement caches
         await refill(admin, 200)
         await variants[name]()
-    for start in range(rounds):
-        for index in range(len(names)):
-            name = names[(start + index) % len(names)]
+    for order in rotations(len(names), rounds):
+        for index in order:
+            name = names[index]
             await refill(admin, jobs)
             gc.collect()
             cpu_start = time.process_time()
@@ -165,24 +159,7 @@ async def measure(
             rates[name].append(jobs / wall)
             cpu[name].append(cpu_used / jobs * 1e6)
     reference = names[0]
-    rows = []
-    for name in names:
-        ratios = [r / ref for r, ref in zip(rates[name], rates[reference], strict=True)]
-        us = [1e6 / r for r in rates[name]]
-        rows.append(
-            Row(
-                name,
-                statistics.median(us),
-                (min(us), max(us)),
-                ops_per_s=statistics.median(rates[name]),
-                cpu_us_per_op=statistics.median(cpu[name]),
-                ratio=statistics.median(ratios),
-                ratio_range=(min(ratios), max(ratios)),
-                cpu_ratio=statistics.median(
-                    c / ref for c, ref in zip(cpu[name], cpu[reference], strict=True)
-                ),
-            )
-        )
+    rows = paired_rows(names, rates, cpu, reference)
     table = Table(rows, reference, "throughput")  # this kind prints the jobs/s and CPU columns
     table.notes.append(
         "ops/s = jobs/s; ratio = jobs/s(variant) / jobs/s(reference), paired per round; "

@@ -17,10 +17,18 @@ the build must not depend on hosts other than package registries.
 
 Where a local inventory is missing (another OS), intersphinx downloads it
 from the documentation site instead.
+
+The public packages give every exported name its public ``__module__``
+(``tasksession``, ``tasksession.tornado``); for the build only, each class is
+pointed back at the private module that defines it, where autodoc reads its
+source (see ``_document_from_defining_modules``).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import pyclbr
 import sys
 from importlib.metadata import version as _version
 from pathlib import Path
@@ -30,6 +38,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "_tools"))
 
 from anyio_inventory import write_inventory  # noqa: E402
+
+import tasksession  # noqa: E402
 
 project = "tasksession"
 author = "tasksession developers"
@@ -61,6 +71,33 @@ autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
 autodoc_class_signature = "separated"
 autodoc_default_options = {"exclude-members": "__init__, __new__"}
+
+
+def _document_from_defining_modules() -> None:
+    """Set each exported class's ``__module__`` back to the module that defines it.
+
+    autodoc reads a class's source (the order of ``autodoc_member_order =
+    "bysource"``, the ``#:`` comments documenting attributes) in the module its
+    ``__module__`` names; a public package's ``__init__.py`` (``tasksession``,
+    ``tasksession.tornado``) holds only the re-exports, so the members would come out
+    in alphabetical order and the attributes undocumented. For every private module
+    (``tasksession._errors``, ``tasksession.tornado._handler``), ``pyclbr`` finds the
+    classes it defines from the source, without trusting ``__module__``; each one the
+    enclosing public package exports is pointed back at it. The pages still name each
+    class by its public path (``.. currentmodule:: tasksession``, or the full name).
+    """
+    for info in pkgutil.walk_packages(tasksession.__path__, "tasksession."):
+        public_name, _, leaf = info.name.rpartition(".")
+        if not leaf.startswith("_"):
+            continue  # a public module: its classes are documented where they are defined
+        public, module = importlib.import_module(public_name), importlib.import_module(info.name)
+        for name in pyclbr.readmodule(info.name):
+            cls = getattr(module, name, None)
+            if cls is not None and getattr(public, name, None) is cls:
+                cls.__module__ = info.name
+
+
+_document_from_defining_modules()
 
 # -- cross-references ----------------------------------------------------------------
 

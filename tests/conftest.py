@@ -9,22 +9,30 @@ Fixtures:
     created; after the test it asserts that no connection is left checked out.
 ``pg_db``
     the same on PostgreSQL only.
+``admin``
+    an AUTOCOMMIT engine without a pool on PostgreSQL, to set up and check the server from
+    outside the manager (a test module may override it to create its tables first).
+``self_started``
+    the PostgreSQL server, for tests that inject faults: skipped on a server the tests
+    did not start.
 ``postgres_server``, ``postgres_url``, ``anyio_backend``
     in the repository's root ``conftest.py`` (shared with examples/).
+
+Plain helpers (bounded polling, pool and row counts, ...) are in ``helpers.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tasksession import SessionManager
 
-from .models import Base, User
+from .helpers import admin_engine, checked_out, reset_tables
+from .models import User
 from .postgres_server import PostgresServer
 
 
@@ -35,21 +43,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
-async def reset_tables(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll ``check`` until it is true; fail after 10 seconds."""
-    with anyio.fail_after(10):
-        while True:
-            if await check():
-                return
-            await anyio.sleep(0.01)
-
-
 @pytest.fixture
 def self_started(postgres_server: PostgresServer) -> PostgresServer:
     """The PostgreSQL server, for tests that inject faults: only a cluster the tests started."""
@@ -58,22 +51,32 @@ def self_started(postgres_server: PostgresServer) -> PostgresServer:
     return postgres_server
 
 
-def checked_out(manager: SessionManager) -> int:
-    """Connections currently checked out of the manager's primary pool."""
-    stats = manager.statistics()
-    assert stats.pool_checked_out is not None
-    return stats.pool_checked_out
-
-
-async def _managed(url: str, **options: Any) -> AsyncIterator[SessionManager]:
-    manager = SessionManager(url, **options)
+@pytest.fixture
+async def admin(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = admin_engine(postgres_url)
     try:
-        await reset_tables(manager.engine)
-        yield manager
-        assert checked_out(manager) == 0, manager.engine.sync_engine.pool.status()
-        assert manager.active_scopes() == []
+        yield engine
     finally:
-        await manager.dispose()
+        await engine.dispose()
+
+
+async def _managed(
+    url: str, *, reset: bool = True, **options: Any
+) -> AsyncIterator[SessionManager]:
+    """A manager with ``options``; after the test, no connection checked out, no scope open.
+
+    :param reset: create the tables of ``tests.models`` first (empty); without, the
+        manager has not connected when the test starts.
+    """
+    db = SessionManager(url, **options)
+    try:
+        if reset:
+            await reset_tables(db.engine)
+        yield db
+        assert checked_out(db) == 0, db.engine.sync_engine.pool.status()
+        assert db.active_scopes() == []
+    finally:
+        await db.dispose()
 
 
 async def seeded_readonly_autocommit(url: str, pool_size: int) -> AsyncIterator[SessionManager]:

@@ -155,7 +155,8 @@ def fault_manager(url: str, *, connect_args: dict[str, Any] | None = None, **opt
     settings = {"application_name": APP, "synchronous_commit": "on"}
     settings.update(args.pop("server_settings", {}))
     args["server_settings"] = settings
-    return SessionManager(url, connect_args=args, **options)
+    db = SessionManager(url, connect_args=args, **options)  # named so: messages say "db."
+    return db
 
 
 # -- what a unit reported ------------------------------------------------------------

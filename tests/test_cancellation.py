@@ -35,7 +35,7 @@ from sqlalchemy.util import await_only
 
 from tasksession import SessionManager
 
-from .conftest import eventually
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -98,8 +98,8 @@ async def admin(postgres_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 async def victim_db(postgres_url: str, admin: AsyncEngine) -> AsyncIterator[SessionManager]:
-    """A manager with ONE pooled connection whose backends never notice a vanished client."""
-    manager = SessionManager(
+    """A db with ONE pooled connection whose backends never notice a vanished client."""
+    db = SessionManager(
         postgres_url,
         pool_size=1,
         max_overflow=0,
@@ -109,9 +109,9 @@ async def victim_db(postgres_url: str, admin: AsyncEngine) -> AsyncIterator[Sess
         },
     )
     try:
-        yield manager
+        yield db
     finally:
-        await manager.dispose()
+        await db.dispose()
 
 
 async def victim_backends(admin: AsyncEngine) -> list[tuple[str, str]]:

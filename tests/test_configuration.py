@@ -24,15 +24,11 @@ from tasksession import (
     UnsupportedDriverError,
 )
 
-from .conftest import checked_out, reset_tables
+from .conftest import _managed
+from .helpers import checked_out, count_users, reset_tables
 from .models import User
 
 pytestmark = pytest.mark.anyio
-
-
-async def count_users(manager: SessionManager) -> int:
-    async with manager.engine.connect() as conn:
-        return int(await conn.scalar(select(func.count()).select_from(User)) or 0)
 
 
 # -- unbound managers ----------------------------------------------------------------
@@ -322,12 +318,8 @@ def test_scopes_work_on_uvloop(
 
 @pytest.fixture
 async def tiny_pool(database_url: str) -> AsyncIterator[SessionManager]:
-    db = SessionManager(database_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
-    try:
-        await reset_tables(db.engine)
-        yield db
-    finally:
-        await db.dispose()
+    async for manager in _managed(database_url, pool_size=1, max_overflow=0, pool_timeout=0.2):
+        yield manager
 
 
 async def test_pool_exhaustion_names_the_scopes_holding_connections(

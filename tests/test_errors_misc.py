@@ -52,9 +52,9 @@ async def test_pool_exhaustion_of_the_readonly_pool_reports_that_pool_and_its_ho
     autocommit_db: SessionManager,
 ) -> None:
     db = autocommit_db
-    assert db._binding is not None
-    primary = db._binding.engine.sync_engine.pool
-    readonly = db._binding.readonly_engine.sync_engine.pool
+    assert db._home.binding is not None
+    primary = db._home.binding.engine.sync_engine.pool
+    readonly = db._home.binding.readonly_engine.sync_engine.pool
     assert primary is not readonly
     done = anyio.Event()
 
@@ -87,8 +87,8 @@ async def test_pool_exhaustion_of_the_primary_pool_leaves_out_the_readonly_holde
     autocommit_db: SessionManager,
 ) -> None:
     db = autocommit_db
-    assert db._binding is not None
-    primary = db._binding.engine.sync_engine.pool
+    assert db._home.binding is not None
+    primary = db._home.binding.engine.sync_engine.pool
     done = anyio.Event()
 
     async def hold(name: str, readonly_scope: bool, holding: anyio.Event) -> None:

@@ -35,8 +35,8 @@ from tasksession import (
     SessionManager,
 )
 
-from .conftest import checked_out, eventually, reset_tables
 from .gate import Gate
+from .helpers import checked_out, eventually, reset_tables
 from .models import User
 from .postgres_server import PostgresServer
 

@@ -9,7 +9,7 @@ from sqlalchemy import inspect, select, text
 
 from tasksession import SessionManager
 
-from .conftest import checked_out
+from .helpers import checked_out
 from .models import User
 
 pytestmark = pytest.mark.anyio

@@ -66,12 +66,12 @@ async def admin(postgres_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 async def serializable_db(postgres_url: str, admin: AsyncEngine) -> AsyncIterator[SessionManager]:
-    manager = SessionManager(postgres_url, isolation_level="SERIALIZABLE")
+    db = SessionManager(postgres_url, isolation_level="SERIALIZABLE")
     try:
-        yield manager
-        assert 0 == manager.statistics().pool_checked_out
+        yield db
+        assert 0 == db.statistics().pool_checked_out
     finally:
-        await manager.dispose()
+        await db.dispose()
 
 
 async def counter(admin: AsyncEngine, row: int = 1) -> int:

@@ -66,13 +66,13 @@ async def jobs(postgres_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 async def fresh_db(postgres_url: str, jobs: AsyncEngine) -> AsyncIterator[SessionManager]:
-    """A manager that has never connected: its first unit opens its first connection."""
-    manager = SessionManager(postgres_url)
+    """A db that has never connected: its first unit opens its first connection."""
+    db = SessionManager(postgres_url)
     try:
-        yield manager
-        assert 0 == manager.statistics().pool_checked_out
+        yield db
+        assert 0 == db.statistics().pool_checked_out
     finally:
-        await manager.dispose()
+        await db.dispose()
 
 
 async def rows(jobs: AsyncEngine) -> list[str]:

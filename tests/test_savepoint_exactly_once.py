@@ -33,7 +33,7 @@ from sqlalchemy import event, select
 
 from tasksession import SessionManager
 
-from .conftest import checked_out
+from .helpers import checked_out
 from .models import User
 
 pytestmark = pytest.mark.anyio

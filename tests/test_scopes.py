@@ -20,8 +20,8 @@ from tasksession import (
 )
 from tasksession._session import is_materialized
 
-from .conftest import checked_out
 from .gate import Gate
+from .helpers import checked_out
 from .models import User
 
 pytestmark = pytest.mark.anyio

@@ -24,10 +24,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.orm import Session, SessionTransaction
 
-from tasksession import SessionManager, _scope, _shortcuts
-from tasksession._scope import Scope
+from tasksession import SessionManager, _shortcuts, _teardown
 
-from .conftest import _managed, checked_out, reset_tables, seeded_readonly_autocommit
+from .conftest import _managed, seeded_readonly_autocommit
+from .helpers import checked_out, reset_tables
 from .models import User
 
 pytestmark = pytest.mark.anyio
@@ -87,7 +87,7 @@ async def _two_units_through_the_driver(single: SessionManager) -> None:
         await session.execute(insert(User).values(id=ident, name=f"driver{ident}"))
         with (
             mock.patch.object(_shortcuts, "greenlet_spawn", side_effect=AssertionError) as a,
-            mock.patch.object(_scope, "greenlet_spawn", side_effect=AssertionError) as b,
+            mock.patch.object(_teardown, "greenlet_spawn", side_effect=AssertionError) as b,
         ):
             await scope.__aexit__(None, None, None)
         a.assert_not_called()
@@ -220,14 +220,14 @@ async def ro_db(postgres_url: str) -> AsyncIterator[SessionManager]:
 
 
 def readonly_checked_out(db: SessionManager) -> int:
-    pool: Any = db._require_binding().readonly_engine.sync_engine.pool
+    pool: Any = db._home.require_binding().readonly_engine.sync_engine.pool
     return int(pool.checkedout())
 
 
 async def test_a_readonly_autocommit_unit_closes_without_a_teardown(
     ro_db: SessionManager,
 ) -> None:
-    with mock.patch.object(Scope, "_teardown", autospec=True) as teardown:
+    with mock.patch.object(_teardown, "_teardown", autospec=True) as teardown:
         async with ro_db.scope(readonly=True) as session:
             assert "ada" == (await session.get(User, 1)).name  # type: ignore[union-attr]
             assert 1 == readonly_checked_out(ro_db)
@@ -272,7 +272,7 @@ async def test_a_readonly_exit_hands_its_connection_to_a_waiting_task_first(
 async def test_a_pool_listener_keeps_the_greenlet(ro_db: SessionManager) -> None:
     # A checkin listener may use the connection (here: a query, which needs the
     # greenlet); with one installed the close goes the long way.
-    pool = ro_db._require_binding().readonly_engine.sync_engine.pool
+    pool = ro_db._home.require_binding().readonly_engine.sync_engine.pool
     seen: list[Any] = []
 
     def on_checkin(dbapi_connection: Any, record: Any) -> None:
@@ -296,7 +296,7 @@ async def test_an_overflow_connection_is_closed_in_the_greenlet(
     # Returned to a full pool, a connection is closed: I/O, so the long way.
     db = SessionManager(postgres_url, readonly_autocommit=True, pool_size=1, max_overflow=1)
     try:
-        pool: Any = db._require_binding().readonly_engine.sync_engine.pool
+        pool: Any = db._home.require_binding().readonly_engine.sync_engine.pool
         async with db.scope(readonly=True) as first:
             await first.execute(text("SELECT 1"))
             async with db.scope(readonly=True, independent=True) as second:

@@ -26,17 +26,12 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
 
 from tasksession import PoolExhaustedError, SessionManager
 
-from .conftest import reset_tables
+from .helpers import count_users, reset_tables
 from .models import User
 
 pytestmark = pytest.mark.anyio
 
 INSERT_ADA = text("INSERT INTO users (name) VALUES ('ada')")
-
-
-async def count_users(engine: AsyncEngine) -> int:
-    async with engine.connect() as conn:
-        return int(await conn.scalar(select(func.count()).select_from(User)) or 0)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from sqlalchemy import func, select, text
 from tasksession import ScopeClosedError, SessionManager
 from tasksession._errors import StreamClosedError
 
-from .conftest import checked_out
+from .helpers import checked_out
 from .models import User
 
 pytestmark = pytest.mark.anyio

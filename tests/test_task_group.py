@@ -19,7 +19,8 @@ from tasksession import (
     SessionTaskGroup,
 )
 
-from .conftest import checked_out, reset_tables
+from .conftest import _managed
+from .helpers import checked_out, eventually
 from .models import User
 
 pytestmark = pytest.mark.anyio
@@ -70,10 +71,13 @@ async def test_a_child_commits_before_its_siblings_finish(pg_db: SessionManager)
         async with pg_db.task_group() as tg:
             tg.start_soon(slow)
             await tg.start(_started_insert, pg_db, "fast")
+
             # The commit happens after the child returns, so nothing to wait on
-            # but the database itself: poll it (bounded by fail_after).
-            while "fast" not in await _names(pg_db):  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+            # but the database itself: poll it.
+            async def fast_visible() -> bool:
+                return "fast" in await _names(pg_db)
+
+            await eventually(fast_visible)
             visible_meanwhile = await _names(pg_db)
             release.set()
 
@@ -138,12 +142,8 @@ async def test_cancelling_the_group_rolls_back_every_child(pg_db: SessionManager
 
 @pytest.fixture
 async def small_pool_db(database_url: str) -> AsyncIterator[SessionManager]:
-    manager = SessionManager(database_url, pool_size=5, max_overflow=0, pool_timeout=10)
-    try:
-        await reset_tables(manager.engine)
+    async for manager in _managed(database_url, pool_size=5, max_overflow=0, pool_timeout=10):
         yield manager
-    finally:
-        await manager.dispose()
 
 
 async def test_fifty_children_share_a_pool_of_five(small_pool_db: SessionManager) -> None:

@@ -58,6 +58,37 @@ class OrmWriteInGet(SessionMixin, tornado.web.RequestHandler):
         await self.session.flush()
 
 
+class OrmWriteInGetOfASet(SessionMixin, tornado.web.RequestHandler):
+    session_readonly = frozenset({"GET", "HEAD"})
+
+    async def get(self) -> None:
+        self.session.add(User(name="sneaky"))
+        await self.session.flush()
+
+
+class WritableScopeInGet(SessionMixin, tornado.web.RequestHandler):
+    session_readonly = True
+
+    async def get(self) -> None:
+        async with self.settings["session_manager"].scope() as session:  # joins: refused
+            session.add(User(name="sneaky"))
+
+
+class OwnReadonlyScopeInPost(SessionMixin, tornado.web.RequestHandler):
+    async def post(self) -> None:
+        db = self.settings["session_manager"]
+        async with db.scope(name="own", readonly=True, independent=True) as session:
+            session.add(User(name="sneaky"))
+            await session.flush()
+
+
+class UnflushedWriteInGet(SessionMixin, tornado.web.RequestHandler):
+    session_readonly = True
+
+    async def get(self) -> None:
+        self.session.add(User(name="sneaky"))  # never flushed: refused when the scope ends
+
+
 class CoreWriteInGet(SessionMixin, tornado.web.RequestHandler):
     session_readonly = True
 
@@ -140,6 +171,57 @@ async def test_readonly_request_refuses_an_orm_write(
             response = await server.fetch("/w")
     assert (500, 0) == (response.code, await count_users(ro_db, "sneaky"))
     assert [ReadOnlyScopeError] == [type(r.exc_info[1]) for r in caplog.records if r.exc_info]
+
+
+async def logged_errors(
+    db: SessionManager, caplog: pytest.LogCaptureFixture, handler: type, method: str = "GET"
+) -> tuple[int, list[BaseException]]:
+    """The response code of a request to ``handler`` and the errors Tornado logged for it."""
+    app = tornado.web.Application([(r"/w", handler)], session_manager=db)
+    with caplog.at_level(logging.ERROR, logger="tornado.application"):
+        async with serve(app) as server:
+            response = await server.fetch("/w", method)
+    await wait_until_released(db)
+    return response.code, [r.exc_info[1] for r in caplog.records if r.exc_info]
+
+
+SETTING_IS_TRUE = (
+    "The request's scope is readonly because {handler}.session_readonly is True. To write "
+    "in this request, leave 'GET' out of session_readonly (a db.scope() inside the handler "
+    "joins the readonly scope and fails alike; db.scope(independent=True) commits on its "
+    "own, whatever the response)."
+)
+
+
+@pytest.mark.parametrize(
+    ("handler", "because"),
+    [
+        (OrmWriteInGet, "is True"),
+        (OrmWriteInGetOfASet, "includes 'GET'"),
+        (WritableScopeInGet, "is True"),
+        (UnflushedWriteInGet, "is True"),
+    ],
+)
+async def test_readonly_error_of_the_request_scope_names_the_handler_setting(
+    ro_db: SessionManager, caplog: pytest.LogCaptureFixture, handler: type, because: str
+) -> None:
+    # The error's own fix (a writable db.scope()) would join the request's readonly
+    # scope and fail alike: the note says where the readonly came from.
+    code, logged = await logged_errors(ro_db, caplog, handler)
+    assert (500, [ReadOnlyScopeError]) == (code, [type(e) for e in logged])
+    expected = SETTING_IS_TRUE.format(handler=handler.__qualname__).replace("is True", because)
+    assert [expected] == logged[0].__notes__
+    assert expected in caplog.text  # in the logged traceback too
+    assert 0 == await count_users(ro_db, "sneaky")
+
+
+async def test_readonly_error_of_a_scope_the_handler_opened_has_no_note(
+    ro_db: SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    code, logged = await logged_errors(ro_db, caplog, OwnReadonlyScopeInPost, "POST")
+    assert (500, [ReadOnlyScopeError]) == (code, [type(e) for e in logged])
+    assert "own" == getattr(logged[0], "scope_name", None)
+    assert not hasattr(logged[0], "__notes__")
 
 
 async def test_readonly_request_cannot_persist_a_core_write(

@@ -1,7 +1,30 @@
 """tasksession: one AsyncSession per unit of work, keyed to its task.
 
-Everything public is re-exported here; the implementation lives in private
-modules, one concept each. Importing this package does not import tornado.
+Everything public is re-exported here, under its public path: an exported
+name's ``__module__`` is ``tasksession`` (tracebacks, reprs, pickles and the
+docs say ``tasksession.NoScopeError``, not ``tasksession._errors.NoScopeError``).
+Importing this package does not import tornado.
+
+The implementation lives in private modules, one concept each; imports run down
+this map only (checked by ``tests/test_architecture.py``; ``docs/architecture.md``
+says more):
+
+======  =========================================================================
+level   modules
+======  =========================================================================
+leaf    ``tornado``, ``workers``: framework glue on this public root only
+8       ``__init__``: re-exports
+7       ``_manager``: ``SessionManager``, composing everything below
+6       ``_scope`` (entering, the ContextVar, exit dispatch), ``_transactional``,
+        ``_task_group``
+5       ``_home``: what a manager's scopes share
+4       ``_teardown`` (how a unit ends), ``_session`` (guarded lazy sessions),
+        ``_config`` (options, engines, routing)
+3       ``_guard``, ``_commit``, ``_savepoint``, ``_pool``, ``_sqlite``
+2       ``_loading``, ``_streams``, ``_retry``, ``_completion``, ``_tasks``,
+        ``_interrupt``, ``_shortcuts``, ``_outcome``, ``_urls``
+1       ``_errors``, ``_stats`` (the ledger), ``_pins``, ``_compat``, ``_members``
+======  =========================================================================
 """
 
 from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
@@ -47,3 +70,8 @@ __all__ = [
     "UnsupportedBackendError",
     "UnsupportedDriverError",
 ]
+
+# The private module a name is defined in is no part of its name: show where to import it.
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

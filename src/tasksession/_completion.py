@@ -30,10 +30,10 @@ import anyio
 
 __all__ = ["run_to_completion"]
 
-_T = TypeVar("_T")
+T = TypeVar("T")
 
 
-class _Unstoppable(asyncio.Task[_T]):
+class _Unstoppable(asyncio.Task[T]):
     """A task that refuses to be cancelled from outside: the cleanup runs to its end.
 
     A task awaiting it that gets cancelled (anyio's cancel scopes and
@@ -49,8 +49,8 @@ class _Unstoppable(asyncio.Task[_T]):
 
 
 async def run_to_completion(
-    cleanup: Coroutine[Any, Any, _T], loop: asyncio.AbstractEventLoop | None = None
-) -> _T:
+    cleanup: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop | None = None
+) -> T:
     """Await ``cleanup`` in its own task, so that no cancellation can cut it short.
 
     A cancellation from an anyio cancel scope is not re-raised here: the cleanup

@@ -8,33 +8,27 @@ reconfiguring a manager leaves open scopes on their engine.
 
 from __future__ import annotations
 
+import itertools
+import time
 import uuid
-import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from greenlet import getcurrent  # type: ignore[import-untyped]  # ships no type hints
-from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
-from sqlalchemy.orm.session import SessionTransactionState
-from sqlalchemy.pool import (
-    AsyncAdaptedQueuePool,
-    NullPool,
-    Pool,
-    QueuePool,
-    StaticPool,
-)
 
-from ._errors import UnsupportedDriverError
+from ._commit import CommitWatchdog
 from ._guard import GUARD_MODES
-from ._interrupt import root_engine
-from ._session import session_class_for
-from ._watchdog import CommitWatchdog
+from ._sqlite import (
+    check_sqlite_engine,
+    sqlite_engine_kwargs,
+    sqlite_setup,
+    writer_sync_session_class,
+)
+from ._urls import check_async_url
 
-__all__ = ["Binding", "ManagerOptions", "check_async_url", "create_binding", "split_options"]
+__all__ = ["Binding", "ManagerOptions", "create_binding", "split_options"]
 
 #: Options the manager itself understands; everything else goes to create_async_engine.
 _MANAGER_OPTIONS = frozenset(
@@ -50,22 +44,13 @@ _MANAGER_OPTIONS = frozenset(
     }
 )
 
-# backend -> the asyncio driver to suggest for a synchronous URL
-_ASYNC_DRIVER = {
-    "postgresql": "asyncpg",
-    "sqlite": "aiosqlite",
-    "mysql": "asyncmy",
-    "mariadb": "asyncmy",
-    "mssql": "aioodbc",
-    "oracle": "oracledb_async",
-}
-
 #: Seconds a scope waits for the server's answer to its COMMIT before it gives the
 #: connection up and reports the outcome as unknown (``commit_timeout=``).
 COMMIT_TIMEOUT = 10.0
 
-#: Seconds a writer waits for SQLite's write lock before "database is locked".
-SQLITE_BUSY_TIMEOUT = 30.0
+#: Seconds after a commit during which the same task's readonly scopes read
+#: from the primary, so they see their own writes (replicas may lag).
+REPLICA_LAG = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,313 +99,6 @@ def split_options(options: dict[str, Any]) -> tuple[ManagerOptions, dict[str, An
     return ManagerOptions(**ours), engine_kwargs
 
 
-def check_async_url(url: str | URL) -> URL:
-    """Parse ``url`` and refuse synchronous drivers, before any connection is attempted.
-
-    :raises UnsupportedDriverError: the URL names no driver (``postgresql://``), or a
-        driver that is not asyncio-capable (``postgresql+psycopg2://``).
-    """
-    parsed = make_url(url)
-    if "+" not in parsed.drivername:
-        # No driver named: SQLAlchemy's default for the backend is a synchronous
-        # driver (or, for postgresql:// on 2.1, depends on what is installed).
-        is_async = False
-    else:
-        try:
-            is_async = bool(getattr(parsed.get_dialect(_is_async=True), "is_async", False))
-        except ImportError:
-            # The driver is not installed; create_async_engine will say so.
-            is_async = True
-    if not is_async:
-        backend = parsed.get_backend_name()
-        driver = parsed.get_driver_name() or backend
-        async_driver = _ASYNC_DRIVER.get(backend)
-        suggestion = None
-        if async_driver is not None:
-            suggestion = parsed.set(drivername=f"{backend}+{async_driver}").render_as_string(
-                hide_password=True
-            )
-        raise UnsupportedDriverError(
-            parsed.render_as_string(hide_password=True), driver, suggestion
-        )
-    return parsed
-
-
-# -- SQLite ---------------------------------------------------------------------------
-#
-# What tasksession does to a SQLite engine, its own or an application's engine=
-# (docs/concepts.md, "SQLite"):
-#
-# * every connection: sqlite3's legacy transaction control off (isolation_level
-#   None: SQLAlchemy's documented fix for SAVEPOINTs), a busy timeout, WAL for a
-#   database file (persistent: the file stays in WAL mode);
-# * every transaction: tasksession emits the BEGIN itself. A writable scope's
-#   session begins IMMEDIATE (concurrent writers queue on the busy timeout
-#   instead of failing when a read lock cannot be upgraded); everything else
-#   (readonly scopes, the application's own engine.connect()) begins deferred,
-#   which never blocks readers; a connection in AUTOCOMMIT gets no BEGIN at all
-#   (and, in a readonly scope, PRAGMA query_only, so that it still cannot write);
-# * a pool that hands its one connection to overlapping users (StaticPool,
-#   SQLAlchemy's default for :memory:) would let one unit's ROLLBACK undo another's
-#   work: tasksession replaces it by a queue of one connection (url=) or refuses
-#   the engine (engine=); a pool that would give an in-memory database several
-#   connections (each a separate, empty database) is refused.
-
-#: Record-info keys: the connection got the setup (engine=); PRAGMA query_only is on.
-_PREPARED = "tasksession.sqlite"
-_QUERY_ONLY = "tasksession.sqlite.query_only"
-#: The greenlet attribute naming the writable session whose operation runs in it.
-_WRITER = "_ts_sqlite_writer"
-_PROVISIONING = SessionTransactionState.PROVISIONING_CONNECTION
-
-# Root sync engines that have the listeners (installed once per engine).
-_SET_UP: weakref.WeakSet[Engine] = weakref.WeakSet()
-_WRITER_CLASSES: dict[type[Session], type[Session]] = {}
-
-
-def _is_memory(url: URL) -> bool:
-    """Whether ``url`` names an in-memory database (the dialect's own test for its pool)."""
-    return not url.database or url.database == ":memory:" or url.query.get("mode") == "memory"
-
-
-class _OneConnectionPool(AsyncAdaptedQueuePool):
-    """The pool of a SQLite database that one connection must serve: units take turns."""
-
-    _waiting = 0
-
-    def waiting(self) -> int:
-        """How many checkouts are waiting for the connection (or about to get it)."""
-        return self._waiting
-
-    def _do_get(self) -> Any:
-        self._waiting += 1
-        try:
-            return super()._do_get()
-        finally:
-            self._waiting -= 1
-
-    def status(self) -> str:
-        return (
-            "one SQLite connection, which overlapping units take in turn, each waiting up "
-            f"to pool_timeout={self.timeout():g}s; {super().status()}"
-        )
-
-
-def _sqlite_engine_kwargs(url: URL, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``create_async_engine`` arguments for a SQLite URL: the pool, and the busy timeout.
-
-    :raises ValueError: the pool would give an in-memory database more than one
-        connection (each would be a database of its own).
-    """
-    kwargs = dict(engine_kwargs)
-    memory = _is_memory(url)
-    poolclass = kwargs.get("poolclass")
-    shares_one = isinstance(poolclass, type) and issubclass(poolclass, StaticPool)
-    if shares_one or (memory and poolclass is None):
-        # One connection handed to overlapping units means one unit's BEGIN fails
-        # and its ROLLBACK undoes the other's work, which then "commits" nothing.
-        # A queue of one connection makes them take turns instead, up to pool_timeout.
-        for option, wanted in (("pool_size", 1), ("max_overflow", 0)):
-            if kwargs.get(option, wanted) != wanted:
-                raise ValueError(
-                    f"{option}={kwargs[option]!r} cannot apply to "
-                    f"{url.render_as_string(hide_password=True)}: it has one connection "
-                    "(in memory, each further connection would be a separate, empty "
-                    "database); overlapping units take turns on it. Leave out "
-                    f"{option}, or use a database file for concurrent units."
-                )
-        kwargs.update(poolclass=_OneConnectionPool, pool_size=1, max_overflow=0)
-    elif memory:
-        _refuse_memory_pool(
-            url, poolclass, kwargs.get("pool_size", 5), kwargs.get("max_overflow", 10)
-        )
-    if "timeout" not in url.query:
-        connect_args = dict(kwargs.get("connect_args", {}))
-        # sqlite3 sets the busy timeout when it connects: no PRAGMA needed.
-        connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT)
-        kwargs["connect_args"] = connect_args
-    return kwargs
-
-
-def _refuse_memory_pool(url: URL, poolclass: Any, size: Any, overflow: Any) -> None:
-    """Refuse pools that would give an in-memory database more than one connection."""
-    if poolclass is None:
-        return
-    if isinstance(poolclass, type) and issubclass(poolclass, NullPool):
-        why = "NullPool opens a new connection for every unit"
-    elif (
-        isinstance(poolclass, type)
-        and issubclass(poolclass, QueuePool)
-        and (size != 1 or overflow != 0)
-    ):
-        why = f"{poolclass.__name__}(pool_size={size}, max_overflow={overflow}) opens several"
-    else:
-        return
-    raise ValueError(
-        f"{url.render_as_string(hide_password=True)} is an in-memory SQLite database, "
-        f"which lives in one connection, but {why}: each new connection would be a "
-        "separate, empty database, and what a unit committed would vanish with its "
-        "connection. Leave out poolclass= (tasksession then serves the database from one "
-        "connection that overlapping units take in turn), or use a database file."
-    )
-
-
-def _check_sqlite_engine(engine: AsyncEngine) -> None:
-    """Refuse an application's SQLite engine whose pool could lose committed work.
-
-    :raises ValueError: the pool hands one connection to overlapping users, or
-        gives an in-memory database several connections.
-    """
-    pool: Pool = engine.sync_engine.pool
-    url = engine.url
-    if isinstance(pool, StaticPool):
-        raise ValueError(
-            f"engine= ({url.render_as_string(hide_password=True)}) uses "
-            f"{type(pool).__name__}, which hands its one connection to every unit at once: on SQLite a second unit's BEGIN fails and its ROLLBACK "
-            "undoes the first unit's work, which then commits nothing. Create the engine "
-            "with poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0 (overlapping "
-            "units then wait their turn, up to pool_timeout), or pass the URL to "
-            "SessionManager/configure(), which does that for you."
-        )
-    if _is_memory(url):
-        size = pool.size() if isinstance(pool, QueuePool) else None
-        overflow = getattr(pool, "_max_overflow", None)
-        _refuse_memory_pool(url, type(pool), size, overflow)
-
-
-def _prepare_connection(dbapi_connection: Any, memory: bool, raise_busy_timeout: bool) -> None:
-    """Per-connection setup: no legacy transaction control, a busy timeout, WAL."""
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        if raise_busy_timeout:
-            # An application's engine: keep a longer timeout it chose (sqlite3's
-            # default is 5 s; tasksession's own engines set it when connecting).
-            cursor.execute("PRAGMA busy_timeout")
-            row = cursor.fetchone()
-            wanted = int(SQLITE_BUSY_TIMEOUT * 1000)
-            if row is None or row[0] < wanted:
-                cursor.execute(f"PRAGMA busy_timeout = {wanted}")
-        if not memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
-    finally:
-        cursor.close()
-
-
-def _writer_is_connecting() -> bool:
-    """Whether the connection being begun is the one a writable scope's session provisions.
-
-    The session's ``get_bind()`` (see :func:`_writer_sync_session_class`) names
-    itself on the greenlet running the operation; the BEGIN it is about to get
-    runs in that same greenlet, while its root transaction is provisioning the
-    connection. Any other connection begun there (``run_sync`` code calling
-    ``engine.connect()``) finds the session not provisioning.
-    """
-    writer = getattr(getcurrent(), _WRITER, None)
-    if writer is None:
-        return False
-    transaction = writer._transaction
-    if transaction is None:
-        return False
-    while transaction._parent is not None:
-        transaction = transaction._parent
-    return transaction._state is _PROVISIONING
-
-
-def _set_query_only(connection: Connection, on: bool) -> None:
-    connection.exec_driver_sql(f"PRAGMA query_only = {int(on)}")
-    connection.info[_QUERY_ONLY] = on
-
-
-def _sqlite_setup(engine: AsyncEngine, *, application: bool) -> None:
-    """Install the SQLite setup on ``engine``'s root engine (once): see the comment above.
-
-    sqlite3's legacy transaction control emits no BEGIN before SELECT or
-    SAVEPOINT, so savepoints escape the enclosing transaction; SQLAlchemy's
-    documented fix is to take over BEGIN ourselves.
-
-    :param application: the application's ``engine=``: its pool may hold
-        connections already, and it may have set a longer busy timeout.
-    """
-    root = root_engine(engine.sync_engine)
-    if root in _SET_UP:
-        return
-    _SET_UP.add(root)
-    memory = _is_memory(root.url)
-    # An application's engine may have SQLAlchemy's recipe already (a "begin"
-    # listener that emits BEGIN): then that BEGIN stands.
-    begun_by_others = bool(root.dispatch.begin)
-
-    if application:
-
-        @event.listens_for(root, "checkout")
-        def _on_checkout(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
-            # At checkout, not connect: the pool may hold connections made before
-            # configure(engine=); and nothing has begun on it yet (WAL cannot be
-            # switched on inside a transaction, and isolation_level would commit it).
-            info = connection_record.info
-            if _PREPARED not in info:
-                _prepare_connection(dbapi_connection, memory, True)
-                info[_PREPARED] = True
-
-    else:
-
-        @event.listens_for(root, "connect")
-        def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
-            _prepare_connection(dbapi_connection, memory, False)
-
-    @event.listens_for(root, "begin")
-    def _on_begin(connection: Connection) -> None:
-        info = connection.info
-        readonly = bool(connection.get_execution_options().get("tasksession_readonly"))
-        # SQLAlchemy's own test (base.Connection), for the connection's option and
-        # the engine's isolation_level alike: every supported version has it.
-        if connection._is_autocommit_isolation():
-            # No BEGIN: each statement commits by itself. A readonly scope still
-            # cannot write: SQLite refuses every change while query_only is on.
-            if info.get(_QUERY_ONLY, False) is not readonly:
-                _set_query_only(connection, readonly)
-            return
-        if info.get(_QUERY_ONLY, False):
-            _set_query_only(connection, False)
-        if begun_by_others:
-            driver: Any = connection.connection.driver_connection  # aiosqlite's Connection
-            if driver.in_transaction:
-                return
-        if not readonly and _writer_is_connecting():
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            connection.exec_driver_sql("BEGIN")
-
-
-def _writer_sync_session_class(base: type[Session]) -> type[Session]:
-    """A subclass of ``base`` whose connections begin IMMEDIATE on SQLite (no engine view).
-
-    SQLAlchemy asks ``get_bind()`` right before it provisions a connection, in
-    the greenlet of the operation that needs it: the session names itself
-    there, for the ``begin`` listener (:func:`_writer_is_connecting`). The
-    session stays bound to the engine itself (``session.bind is db.engine``).
-    """
-    cls = _WRITER_CLASSES.get(base)
-    if cls is not None:
-        return cls
-    base_get_bind = base.get_bind
-
-    def get_bind(self: Session, *args: Any, **kwargs: Any) -> Any:
-        current = getcurrent()
-        if current.parent is not None:  # an operation's greenlet, never the loop's own
-            setattr(current, _WRITER, self)
-        return base_get_bind(self, *args, **kwargs)
-
-    cls = type(
-        base.__name__,
-        (base,),
-        {"get_bind": get_bind, "__module__": base.__module__, "__qualname__": base.__qualname__},
-    )
-    _WRITER_CLASSES[base] = cls
-    return cls
-
-
 def _pgbouncer_kwargs(url: URL, engine_kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any]]:
     """Settings for PgBouncer in transaction pooling mode (asyncpg).
 
@@ -448,10 +126,10 @@ def _create_engine(url: URL, options: ManagerOptions, engine_kwargs: dict[str, A
         url, engine_kwargs = _pgbouncer_kwargs(url, engine_kwargs)
     sqlite = url.get_backend_name() == "sqlite"
     if sqlite:
-        engine_kwargs = _sqlite_engine_kwargs(url, engine_kwargs)
+        engine_kwargs = sqlite_engine_kwargs(url, engine_kwargs)
     engine = create_async_engine(url, **engine_kwargs)
     if sqlite:
-        _sqlite_setup(engine, application=False)
+        sqlite_setup(engine, application=False)
     return engine
 
 
@@ -529,14 +207,32 @@ class Binding:
     #: Bounds the wait for this configuration's COMMITs (``options.commit_timeout``).
     commit_watchdog: CommitWatchdog = field(default_factory=CommitWatchdog)
 
+    #: Whose turn it is among the replicas (round robin).
+    replica_turn: Iterator[int] = field(default_factory=itertools.count)
+
     def __post_init__(self) -> None:
         if self.write_session_kwargs is None:
             object.__setattr__(self, "write_session_kwargs", self.session_kwargs)
 
+    @property
+    def engines(self) -> tuple[AsyncEngine, ...]:
+        """Every engine with a pool of its own: primary, replicas, extra pools."""
+        return (self.engine, *self.replica_engines, *self.extra_engines)
+
+    def readonly_engine_for(self, wrote_at: float | None) -> AsyncEngine:
+        """The engine of a readonly scope of a task that last committed a write at ``wrote_at``.
+
+        A replica, unless that was within :data:`REPLICA_LAG` seconds (read-your-writes).
+        """
+        replicas = self.replica_readonly_engines
+        if replicas and (wrote_at is None or time.monotonic() - wrote_at >= REPLICA_LAG):
+            return replicas[next(self.replica_turn) % len(replicas)]
+        return self.readonly_engine
+
     async def dispose(self) -> None:
         """Dispose the engines this binding created (never a user's ``engine=``)."""
         if self.owns_engines:
-            for engine in (self.engine, *self.replica_engines, *self.extra_engines):
+            for engine in self.engines:
                 await engine.dispose()
 
 
@@ -545,8 +241,13 @@ def create_binding(
     engine: AsyncEngine | None,
     options: ManagerOptions,
     engine_kwargs: dict[str, Any],
+    session_class: type[AsyncSession],
 ) -> Binding:
-    """Validate everything and build a :class:`Binding` (connects to nothing)."""
+    """Validate everything and build a :class:`Binding` (connects to nothing).
+
+    :param session_class: the class scopes create (the guarded, lazily built
+        subclass of ``options.session_class``).
+    """
     if (url is None) == (engine is None):
         raise TypeError("pass exactly one of url or engine=")
     replicas: Sequence[AsyncEngine]
@@ -569,8 +270,8 @@ def create_binding(
                 "connections with the same settings"
             )
         if engine.dialect.name == "sqlite":
-            _check_sqlite_engine(engine)
-            _sqlite_setup(engine, application=True)
+            check_sqlite_engine(engine)
+            sqlite_setup(engine, application=True)
         primary = engine
         replicas = ()
         owns = False
@@ -594,7 +295,7 @@ def create_binding(
                 replica_readonly_engines=replicas,
                 owns_engines=True,
                 options=options,
-                session_class=session_class_for(options.session_class, options.guard),
+                session_class=session_class,
                 session_kwargs={"expire_on_commit": options.expire_on_commit},
                 extra_engines=(readonly,),
             )
@@ -604,8 +305,8 @@ def create_binding(
     write_session_kwargs = session_kwargs
     if primary.dialect.name == "sqlite":
         # Writable scopes' sessions are bound to the engine itself and name
-        # themselves to the BEGIN listener (see _writer_sync_session_class).
-        writer = _writer_sync_session_class(options.session_class.sync_session_class)
+        # themselves to the BEGIN listener (see writer_sync_session_class).
+        writer = writer_sync_session_class(options.session_class.sync_session_class)
         write_session_kwargs = {**session_kwargs, "sync_session_class": writer}
     return Binding(
         engine=primary,
@@ -615,7 +316,7 @@ def create_binding(
         replica_readonly_engines=tuple(_readonly_engine(e) for e in replicas),
         owns_engines=owns,
         options=options,
-        session_class=session_class_for(options.session_class, options.guard),
+        session_class=session_class,
         session_kwargs=session_kwargs,
         write_session_kwargs=write_session_kwargs,
     )

@@ -1,134 +1,114 @@
-"""The tasksession error hierarchy.
+"""The tasksession error hierarchy (drawn, with each class's code, in ``docs/errors.md``).
 
-Every error says what happened, why, and what to change, and ends with a link
-to its stable code on the errors page (``docs/errors.md``)::
-
-    TaskSessionError (sqlalchemy.exc.InvalidRequestError)
-    ├── NoScopeError              db.session outside any scope
-    ├── ScopeClosedError          a session or scope used after the scope ended
-    │   └── StreamClosedError     a stream() result read after its scope ended
-    ├── ConcurrentSessionError    one session used by two tasks at once
-    ├── ImplicitIOError           (also MissingGreenlet) attribute load needing I/O
-    │   └── DetachedImplicitIOError  (also DetachedInstanceError) ... on a detached object
-    ├── NotConfiguredError        (also UnboundExecutionError) manager never configured
-    ├── UnsupportedDriverError    (also ArgumentError) synchronous driver URL
-    ├── UnsupportedBackendError   scope entered under trio
-    ├── CrossThreadError          scope or session used from another thread
-    ├── ReadOnlyScopeError        a write attempted in a readonly scope
-    ├── PoolExhaustedError        (also sqlalchemy.exc.TimeoutError) pool checkout timed out
-    └── CommitOutcomeUnknownError a COMMIT got no answer: committed or not, unknown
-
-Each class keeps the facts its message is built from as attributes, so code
-can inspect them without parsing text. The classes subclass what users of
-SQLAlchemy already catch, so adopting tasksession breaks no ``except`` clause.
+Every error says what happened, why, and what to change, and links its stable code on
+the installed version's errors page; it keeps the facts of its message as attributes.
+Code in a message names the manager as the user does (:func:`manager_label`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import exc as orm_exc
 
-if TYPE_CHECKING:
-    from ._stats import ScopeInfo
-
 __all__ = [
-    "ERRORS_PAGE",
-    "CommitOutcomeUnknownError",
-    "ConcurrentSessionError",
-    "CrossThreadError",
-    "DetachedImplicitIOError",
-    "ImplicitIOError",
-    "NoScopeError",
-    "NotConfiguredError",
-    "PoolExhaustedError",
-    "ReadOnlyScopeError",
-    "ScopeClosedError",
-    "StreamClosedError",
-    "TaskSessionError",
-    "UnsupportedBackendError",
-    "UnsupportedDriverError",
-]
+    "ERRORS_PAGE", "CommitOutcomeUnknownError", "ConcurrentSessionError", "CrossThreadError",
+    "DetachedImplicitIOError", "ImplicitIOError", "NoScopeError", "NotConfiguredError",
+    "PoolExhaustedError", "ReadOnlyScopeError", "ScopeClosedError", "StreamClosedError",
+    "TaskSessionError", "UnsupportedBackendError", "UnsupportedDriverError", "manager_label"
+]  # fmt: skip
 
-#: Where the stable error codes are explained (``docs/errors.md`` in the repository).
-ERRORS_PAGE = "https://tasksession.readthedocs.io/en/latest/errors.html"
+try:  # the pages of the installed version describe its behaviour
+    _VERSION = version("tasksession")
+except PackageNotFoundError:  # a source tree that was never installed
+    _VERSION = "latest"
+_VERSION = "latest" if ".dev" in _VERSION or "+" in _VERSION else _VERSION  # no pages
+
+#: Where the stable error codes are explained, for the installed version (``docs/errors.md``).
+ERRORS_PAGE = f"https://tasksession.readthedocs.io/en/{_VERSION}/errors.html"
+
+
+def manager_label(manager: str | None) -> str:
+    """How code in a message names the manager: the user's name for it (``"db"`` for ``db =
+    SessionManager()``), else ``manager``, never a made-up ``db``; also in an ``operation``."""
+    return "manager" if manager is None else manager
+
+
+class ConnectionHolder(Protocol):
+    """What :class:`PoolExhaustedError` reads of a connection's holder (a ``ScopeInfo``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def task_name(self) -> str: ...
+    @property
+    def age(self) -> float: ...
+    @property
+    def opened_at(self) -> str: ...
 
 
 class TaskSessionError(sa_exc.InvalidRequestError):
-    """Base class of every error tasksession raises.
+    """Base class of every error tasksession raises; :attr:`error_code` names its section."""
 
-    :attr:`error_code` names the section of the errors page that explains it.
-    (SQLAlchemy's own ``code`` attribute is left unset on purpose: SQLAlchemy
-    would turn it into a link to *its* error pages.)
-    """
-
-    error_code = "ts-base"
+    error_code = "ts-base"  # (SQLAlchemy's own ``code`` would add a link to its pages)
 
     def __init__(self, message: str) -> None:
         super().__init__(f"{message}\n(Explained at {ERRORS_PAGE}#{self.error_code})")
 
 
 class NoScopeError(TaskSessionError):
-    """``db.session`` was read outside of any scope."""
+    """``db.session`` was read outside of any scope (or of any scope that covers this code)."""
 
     error_code = "ts-noscope"
 
-    def __init__(self, manager: str, reason: str | None = None) -> None:
-        self.manager = manager
-        self.reason = reason
-        where = (
-            f"this code is not inside one: {reason}.\n"
-            if reason is not None
-            else "there is none open in this task (or in the task that started it).\n"
-        )
+    def __init__(self, manager: str | None = None, reason: str | None = None) -> None:
+        self.manager, self.reason = manager, reason
+        m = manager_label(manager)
+        where = "there is none open in this task (or in the task that started it)"
         super().__init__(
-            f"{manager}.session was used outside of a scope. A session belongs to a unit "
-            f"of work, and a unit of work is an `async with` block; {where}"
+            f"{m}.session was used outside of a scope. A session belongs to a unit of work, "
+            "and a unit of work is an `async with` block; "
+            f"{where if reason is None else f'this code is not inside one: {reason}'}.\n"
             "Open one around the code that uses the database:\n\n"
-            f"    async with {manager}.scope():\n"
-            f"        user = await {manager}.session.get(User, 1)\n\n"
-            f"or decorate the coroutine function with @{manager}.transactional()."
+            f"    async with {m}.scope():\n"
+            f"        user = await {m}.session.get(User, 1)\n\n"
+            f"or decorate the coroutine function with @{m}.transactional()."
         )
 
 
 class ScopeClosedError(TaskSessionError):
-    """A session (or the scope itself) was used after its scope ended."""
+    """A session was used after its scope ended (``operation``: ``"flush()"``, ``"db.session"``)."""
 
     error_code = "ts-closed"
 
-    def __init__(self, scope_name: str, operation: str) -> None:
-        self.scope_name = scope_name
-        self.operation = operation
+    def __init__(self, scope_name: str, operation: str, *, manager: str | None = None) -> None:
+        self.scope_name, self.operation, self.manager = scope_name, operation, manager
         super().__init__(
-            f"{operation}() was called on the session of scope {scope_name!r} after that "
-            "scope ended. The scope already committed or rolled back and returned its "
-            "connection; using the session now would silently start a new transaction "
-            "that nobody commits or closes. This usually means a background task "
-            "(asyncio.create_task, TaskGroup.start_soon) outlived the scope that "
-            "started it and kept using that scope's session.\n"
-            "Give the background work a scope of its own:\n\n"
+            f"{operation} was used in scope {scope_name!r} after that scope ended. The scope "
+            "already committed or rolled back and returned its connection; using its session "
+            "now would silently start a new transaction that nobody commits or closes. Most "
+            "often a background task (asyncio.create_task, TaskGroup.start_soon) outlived "
+            "the scope that started it. Give the background work a scope of its own:\n\n"
             "    async def background_job():\n"
-            "        async with db.scope(independent=True) as session:\n"
+            f"        async with {manager_label(manager)}.scope(independent=True) as session:\n"
             "            ...\n"
         )
 
 
 class StreamClosedError(ScopeClosedError):
-    """A ``stream()`` result was read after its scope ended."""
+    """A ``stream()`` result was read after its scope ended (``operation`` is fixed)."""
 
-    def __init__(self, scope_name: str) -> None:
-        self.scope_name = scope_name
-        self.operation = "reading a stream() result"
+    def __init__(self, scope_name: str, *, manager: str | None = None) -> None:
+        self.scope_name, self.operation, self.manager = scope_name, "a stream() result", manager
         TaskSessionError.__init__(
             self,
-            f"A stream() result of scope {scope_name!r} was read after that scope ended. "
-            "A stream reads its rows through a server-side cursor on the scope's "
-            "connection; when the scope ended it closed the cursor and returned the "
-            "connection to the pool, so the remaining rows are gone.\n"
-            "Consume the stream inside the scope:\n\n"
-            "    async with db.scope() as session:\n"
+            f"A stream() result of scope {scope_name!r} was read after that scope ended. The "
+            "scope closed its server-side cursor and returned its connection to the pool, "
+            "so the remaining rows are gone. Consume the stream inside the scope:\n\n"
+            f"    async with {manager_label(manager)}.scope() as session:\n"
             "        result = await session.stream(select(User))\n"
             "        async for user in result.scalars():\n"
             "            ...\n\n"
@@ -138,11 +118,7 @@ class StreamClosedError(ScopeClosedError):
 
 
 class ConcurrentSessionError(TaskSessionError):
-    """Two tasks used one session at the same time.
-
-    Raised in the task that arrived second, before it sends anything to the
-    database; the task already using the session is not disturbed.
-    """
+    """Two tasks used one session at once: refused in the second (operations: method names)."""
 
     error_code = "ts-concurrent"
 
@@ -157,42 +133,30 @@ class ConcurrentSessionError(TaskSessionError):
         caller_operation: str,
         caller_location: str,
         strict: bool = False,
+        manager: str | None = None,
     ) -> None:
-        self.scope_name = scope_name
-        self.holder_task = holder_task
-        self.holder_operation = holder_operation
-        self.holder_location = holder_location
-        self.caller_task = caller_task
-        self.caller_operation = caller_operation
-        self.caller_location = caller_location
-        self.strict = strict
+        self.scope_name, self.strict, self.manager = scope_name, strict, manager
+        self.holder_task, self.caller_task = holder_task, caller_task
+        self.holder_operation, self.caller_operation = holder_operation, caller_operation
+        self.holder_location, self.caller_location = holder_location, caller_location
+        m = manager_label(manager)
+        whose = f" while task {holder_task!r} is still inside {holder_operation}() on it"
         if strict:
-            what = (
-                f"Task {caller_task!r} called {caller_operation}() on the session of scope "
-                f"{scope_name!r}, which belongs to task {holder_task!r} "
-                f"(guard='strict' allows only the owner task to use it)."
-            )
-        else:
-            what = (
-                f"Task {caller_task!r} called {caller_operation}() on the session of scope "
-                f"{scope_name!r} while task {holder_task!r} is still inside "
-                f"{holder_operation}() on the same session."
-            )
+            whose = f", which belongs to task {holder_task!r} (guard='strict': owner task only)"
         super().__init__(
-            f"{what}\n"
+            f"Task {caller_task!r} called {caller_operation}() on the session of scope "
+            f"{scope_name!r}{whose}.\n"
             f"  {holder_task} is at: {holder_location}\n"
             f"  {caller_task} is at: {caller_location}\n"
             "An AsyncSession is one transaction on one connection: two tasks using it at "
             "once lose writes, skip autoflush, or fail later with 'another operation is in "
             f"progress'. {caller_operation}() was refused before it touched the database.\n"
             "Give each concurrent task its own scope:\n\n"
-            "    # wrong: children share the parent's session\n"
-            "    await asyncio.gather(load(a), load(b))\n\n"
-            "    # right: each child gets its own session and transaction\n"
-            "    async with db.task_group() as tg:\n"
+            "    await asyncio.gather(load(a), load(b))  # wrong: they share one session\n\n"
+            f"    async with {m}.task_group() as tg:  # right: each child has its own\n"
             "        tg.start_soon(load, a)\n"
             "        tg.start_soon(load, b)\n\n"
-            "or open `async with db.scope(independent=True):` inside the child."
+            f"or open `async with {m}.scope(independent=True):` inside the child."
         )
 
 
@@ -200,38 +164,23 @@ class ImplicitIOError(TaskSessionError, sa_exc.MissingGreenlet):
     """An attribute access needed database I/O outside of an ``await``."""
 
     error_code = "ts-implicit-io"
-    # Empty, not MissingGreenlet's "xd2s": that would append a second link, to
-    # SQLAlchemy's pages (SQLAlchemy adds the link only for a non-empty code).
-    code = ""
+    code = ""  # not MissingGreenlet's "xd2s": SQLAlchemy would add a link to its pages
 
     def __init__(
-        self,
-        *,
-        class_name: str,
-        attribute: str,
-        instance: str,
-        reason: str,
-        fixes: Sequence[str],
+        self, *, class_name: str, attribute: str, instance: str, reason: str, fixes: Sequence[str]
     ) -> None:
-        self.class_name = class_name
-        self.attribute = attribute
-        self.instance = instance
-        self.reason = reason
-        self.fixes = tuple(fixes)
+        self.class_name, self.attribute, self.instance = class_name, attribute, instance
+        self.reason, self.fixes = reason, tuple(fixes)
         fix_text = "\n".join(f"    {fix}" for fix in self.fixes)
         super().__init__(
-            f"Reading {class_name}.{attribute} on {instance} needs a database query, "
-            f"but {reason}.\n"
-            f"Load it explicitly, one of these ways:\n{fix_text}"
+            f"Reading {class_name}.{attribute} on {instance} needs a database query, but "
+            f"{reason}.\nLoad it explicitly, one of these ways:\n{fix_text}"
         )
 
 
 class DetachedImplicitIOError(ImplicitIOError, orm_exc.DetachedInstanceError):
-    """An :class:`ImplicitIOError` on a detached object (its scope ended, or it was expunged).
-
-    Also a :class:`~sqlalchemy.orm.exc.DetachedInstanceError`, the error SQLAlchemy
-    raises there, so existing ``except`` clauses keep working.
-    """
+    """An :class:`ImplicitIOError` on a detached object, also SQLAlchemy's
+    :class:`~sqlalchemy.orm.exc.DetachedInstanceError` (its scope ended, or it was expunged)."""
 
 
 class NotConfiguredError(TaskSessionError, sa_exc.UnboundExecutionError):
@@ -239,15 +188,15 @@ class NotConfiguredError(TaskSessionError, sa_exc.UnboundExecutionError):
 
     error_code = "ts-not-configured"
 
-    def __init__(self, manager: str) -> None:
+    def __init__(self, manager: str | None = None) -> None:
         self.manager = manager
+        m = manager_label(manager)
         super().__init__(
-            f"{manager} has no database yet: it was created without a URL and "
-            "configure() was never called. Creating the manager unbound at import time "
-            "is fine; bind it once at start-up, before the first scope:\n\n"
-            f'    {manager}.configure("postgresql+asyncpg://user@host/dbname")\n'
-            f"    # or {manager}.configure(engine=my_async_engine)\n\n"
-            "Did you forget to call configure() in your application's start-up code?"
+            f"{'The manager' if manager is None else manager} has no database yet: it was "
+            "created without a URL and configure() was never called. Creating the manager "
+            "unbound at import time is fine; bind it in the application's start-up code, "
+            f'before the first scope:\n\n    {m}.configure("postgresql+asyncpg://app@host/app")'
+            f"\n    # or {m}.configure(engine=my_async_engine)\n"
         )
 
 
@@ -257,13 +206,10 @@ class UnsupportedDriverError(TaskSessionError, sa_exc.ArgumentError):
     error_code = "ts-driver"
 
     def __init__(self, url: str, driver: str, suggestion: str | None) -> None:
-        self.url = url
-        self.driver = driver
-        self.suggestion = suggestion
+        self.url, self.driver, self.suggestion = url, driver, suggestion
+        fix = "Name an asyncio driver in the URL (dialect+driver://...)."
         if suggestion is not None:
             fix = f"Use the asyncio driver instead:\n\n    {suggestion}\n"
-        else:
-            fix = "Name an asyncio driver in the URL (dialect+driver://...)."
         super().__init__(
             f"The URL {url!r} selects the synchronous driver {driver!r}, which would block "
             f"the event loop on every query. tasksession needs an asyncio driver. {fix}"
@@ -279,41 +225,68 @@ class UnsupportedBackendError(TaskSessionError):
         self.backend = backend
         super().__init__(
             f"A scope was entered under {backend}. SQLAlchemy's asyncio extension (and so "
-            "tasksession) runs only on asyncio. Run this code on the asyncio backend, for "
-            'example anyio.run(main, backend="asyncio").'
+            "tasksession) runs only on asyncio. Run this code on the asyncio backend:\n\n"
+            '    anyio.run(main, backend="asyncio")\n'
         )
 
 
 class CrossThreadError(TaskSessionError):
-    """A scope or its session was used from a thread other than the event loop's."""
+    """A scope or its session was used from another thread (``operation`` verbatim)."""
 
     error_code = "ts-thread"
 
     def __init__(self, operation: str) -> None:
         self.operation = operation
         super().__init__(
-            f"{operation} was called from a thread other than the event loop thread (for "
-            "example inside anyio.to_thread.run_sync or run_in_executor). AsyncSession is "
-            "bound to its event loop and is not thread-safe. Do the database work in the "
-            "event loop before or after the thread call, or use a synchronous Session "
-            "inside the thread."
+            f"{operation} was used from a thread other than the event loop's (inside "
+            "anyio.to_thread.run_sync or run_in_executor?). AsyncSession is bound to its event "
+            "loop and is not thread-safe. Do the database work in the event loop before or "
+            "after the thread call, or use a synchronous Session inside the thread."
         )
 
 
 class ReadOnlyScopeError(TaskSessionError):
-    """A write was attempted in a ``readonly=True`` scope."""
+    """A write was refused in a readonly scope, or (``nested``) a writable scope inside one.
+
+    ``operation``: the write, or the call that asked for the scope (``"db.scope()"``);
+    ``tornado_handler``: the handler class whose ``session_readonly`` made it readonly.
+    """
 
     error_code = "ts-readonly"
 
-    def __init__(self, scope_name: str, operation: str) -> None:
-        self.scope_name = scope_name
-        self.operation = operation
+    def __init__(
+        self,
+        scope_name: str,
+        operation: str,
+        *,
+        nested: bool = False,
+        manager: str | None = None,
+        tornado_handler: str | None = None,
+    ) -> None:
+        self.scope_name, self.operation, self.nested = scope_name, operation, nested
+        self.manager, self.tornado_handler = manager, tornado_handler
+        m, cls = manager_label(manager), tornado_handler
+        what = f"refused a write: {operation}"
+        if nested:
+            what = f"refused a writable scope inside it: {operation}"
+        own = f"\n\n    async with {m}.scope(independent=True):\n        ..."
+        fix = (
+            f"Do the write in a unit of work of its own, which commits on its own:{own}\n\n"
+            "or, when the whole unit is meant to write, open it without readonly=True."
+        )
+        if cls is not None:
+            fix = (
+                f"This request's scope is readonly because of {cls}.session_readonly (True, "
+                "or HTTP methods that include this request's). To write in this request, "
+                f"leave its method out:\n\n    class {cls}(SessionMixin, RequestHandler):\n"
+                '        session_readonly = {"GET", "HEAD"}  # the methods that only read\n\n'
+                f"or use a unit of work of its own, which commits whatever the response:{own}\n"
+            )
         super().__init__(
-            f"{operation} was attempted in the readonly scope {scope_name!r}. A readonly "
-            "scope never commits (and may run on a replica), so the write would be lost. "
-            "Open a writable scope for it:\n\n"
-            "    async with db.scope():   # not readonly=True\n"
-            "        ..."
+            f"The readonly scope {scope_name!r} {what}. A readonly scope never commits (and "
+            "may run on a replica), so a write in it would be lost; for the same reason a "
+            f"writable scope cannot join it: a plain {m}.scope() inside it is refused too.\n"
+            f"{fix}"
         )
 
 
@@ -322,23 +295,21 @@ class PoolExhaustedError(TaskSessionError, sa_exc.TimeoutError):
 
     error_code = "ts-pool"
 
-    def __init__(self, pool_status: str, holders: Sequence[ScopeInfo]) -> None:
-        self.pool_status = pool_status
-        self.holders = tuple(holders)
-        if self.holders:
-            lines = "\n".join(
-                f"  - scope {h.name!r} in task {h.task_name!r}, open {h.age:.1f}s, "
-                f"opened at {h.opened_at}"
-                for h in self.holders
-            )
-            who = f"Scopes holding connections (oldest first):\n{lines}"
-        else:
-            who = (
-                "No open tasksession scope holds a connection: they are held by code using "
-                "the engine directly, or by sessions that were never closed."
-            )
+    def __init__(self, pool_status: str, holders: Sequence[ConnectionHolder]) -> None:
+        self.pool_status, self.holders = pool_status, tuple(holders)
+        lines = "\n".join(
+            f"  - scope {h.name!r} in task {h.task_name!r}, open {h.age:.1f}s, "
+            f"opened at {h.opened_at}"
+            for h in self.holders
+        )
+        who = (
+            f"Scopes holding connections (oldest first):\n{lines}"
+            if self.holders
+            else "No open tasksession scope holds a connection: they are held by code using "
+            "the engine directly, or by sessions that were never closed."
+        )
         super().__init__(
-            f"Timed out waiting for a database connection: the pool is exhausted "
+            "Timed out waiting for a database connection: the pool is exhausted "
             f"({pool_status}).\n{who}\n"
             "A scope holds its connection from its first query until it ends. Keep scopes "
             "short (no slow network calls inside them), make sure background tasks open "
@@ -347,15 +318,9 @@ class PoolExhaustedError(TaskSessionError, sa_exc.TimeoutError):
 
 
 class CommitOutcomeUnknownError(TaskSessionError):
-    """A unit's COMMIT got no answer: the database may have committed it or not.
+    """A unit's COMMIT got no answer (a timeout, a lost connection): committed or not, unknown.
 
-    Raised by the scope's exit when the COMMIT round trip failed without an
-    answer from the server: a timeout (``commit_timeout=``, or the driver's
-    ``command_timeout``), a lost or invalidated connection, an ``OSError``.
-    Nothing on the client can tell whether the server committed, so the unit
-    is never retried, whatever the :class:`RetryPolicy` says (it could be
-    applied twice). The failure is the ``__cause__`` and the ``original``
-    attribute; the connection was discarded.
+    Never retried, whatever the :class:`RetryPolicy` says; the failure is ``original``.
     """
 
     error_code = "ts-commit-unknown"
@@ -368,19 +333,16 @@ class CommitOutcomeUnknownError(TaskSessionError):
         *,
         reason: str | None = None,
     ) -> None:
-        self.unit = unit
-        self.original = original
-        self.attempt = attempt
-        self.reason = reason
+        self.unit, self.original, self.attempt, self.reason = unit, original, attempt, reason
         what = reason if reason is not None else f"the COMMIT failed with {original!r}"
         on_attempt = f" (attempt {attempt})" if attempt is not None else ""
         super().__init__(
-            f"The outcome of unit {unit!r}{on_attempt} is unknown: {what}, and no answer "
-            "came from the server, so the database may or may not have committed it. "
-            "tasksession does not retry it, because running it again could apply it "
-            f"twice; its connection was discarded. Cause: {original!r}\n"
-            "Check whether its effects are present before running it again, or make the "
-            "unit safe to repeat, for example by keying its writes on a unique id:\n\n"
+            f"The outcome of unit {unit!r}{on_attempt} is unknown: {what}, and no answer came "
+            "from the server, so the database may or may not have committed it. tasksession "
+            "does not retry it (running it again could apply it twice); its connection was "
+            f"discarded. Cause: {original!r}\nCheck whether its effects are present before "
+            "running it again, or make the unit safe to repeat, for example by keying its "
+            "writes on a unique id:\n\n"
             "    INSERT INTO payments (request_id, ...) VALUES (...)\n"
             "    ON CONFLICT (request_id) DO NOTHING"
         )

@@ -1,17 +1,19 @@
-"""The guard: who may use a scope's session, and when.
+"""The guard: who may use a scope's session, and when. One implementation per mode.
 
 A scope's session records which task is inside one of its operations. Every
-guarded operation calls :func:`enter_*` before it does anything and
-:func:`leave` when it is done, in the shape of trio's ``ConflictDetector``: a
-couple of slot reads and writes, no locks, no allocation, no stack inspection
-on the happy path. A same-task reentrant call (an operation that calls another)
-passes through; the outermost call releases the session.
+guarded operation is wrapped, once per session class, by the factory of its
+guard mode (:data:`COROUTINE_GUARDS`, :data:`SYNC_GUARDS`), in the shape of
+trio's ``ConflictDetector``: a couple of slot reads and writes, no locks, no
+allocation, no stack inspection on the happy path. A same-task reentrant call
+(an operation that calls another) passes through; the outermost call releases
+the session. The wrappers are the guard's whole cost on every execute/get/flush,
+so each mode's steps are written out in its wrapper rather than called.
 
 The session is tied to the loop and thread of the task that entered its scope
 (``_ts_loop``, ``_ts_thread``, set by the scope). When the scope ends,
 ``_ts_thread`` becomes :data:`CLOSED`, so a single thread check on the hot
 path catches both a closed scope and a call from another thread; the slow path
-(:func:`blocked`) tells them apart.
+(:func:`_blocked`) tells them apart.
 
 Modes (``SessionManager(guard=...)``):
 
@@ -24,45 +26,35 @@ Modes (``SessionManager(guard=...)``):
 ``"off"``
     No task checks; a closed scope and another thread are still refused.
 
-The functions take the session as ``self`` because they become methods of the
-session classes built in :mod:`tasksession._session`.
+The session's ``_ts_*`` slots are the seam with :mod:`._session` and the scope.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import anyio
+from sqlalchemy import exc as sa_exc
 
 from ._compat import current_task, current_task_of, get_running_loop_or_none
 from ._errors import ConcurrentSessionError, CrossThreadError, ScopeClosedError
-
-if TYPE_CHECKING:
-    from ._scope import Scope
+from ._stats import Ledger
 
 __all__ = [
-    "BY_MODE",
     "CLOSED",
+    "COROUTINE_GUARDS",
     "GUARD_MODES",
-    "blocked",
-    "check_sync_concurrent",
-    "check_sync_off",
-    "check_sync_strict",
-    "enter_concurrent",
-    "enter_off",
-    "enter_strict",
-    "calling_task",
-    "conflict",
-    "current_task_of",
-    "get_ident",
-    "leave",
-    "leave_off",
+    "SYNC_GUARDS",
+    "GuardedScope",
     "in_operation",
-    "refuse_closed",
+    "task_location",
     "wake_teardown",
 ]
 
@@ -71,7 +63,7 @@ GUARD_MODES = ("concurrent", "strict", "off")
 logger = logging.getLogger("tasksession")
 
 _current_task_of = current_task_of
-_get_ident = get_ident = threading.get_ident
+_get_ident = threading.get_ident
 # Frames from these packages are plumbing; locations point at the user's code.
 _PLUMBING = (
     "/tasksession/",
@@ -83,74 +75,48 @@ _PLUMBING = (
     "/aiosqlite/",
 )
 
-
 #: ``session._ts_thread`` once the scope has ended: no thread has this ident, so
 #: the hot path's thread check fails and the slow path says why.
 CLOSED = 0
 
+Coroutine_ = Callable[..., Coroutine[Any, Any, Any]]
+#: Turns a pool checkout timeout into the error that names the holders (see _pool).
+OnTimeout = Callable[[Any, sa_exc.TimeoutError], BaseException]
 
-def blocked(self: Any, operation: str) -> asyncio.Task[Any]:
+
+class GuardedScope(Protocol):
+    """What the guard reads (and the teardown wakes) of the scope a session belongs to."""
+
+    closed: bool
+    owner: asyncio.Task[Any] | None
+    teardown_task: asyncio.Task[Any] | None  # may still use the ended scope's session
+    idle_waiter: anyio.Event | None  # the teardown, waiting for an operation to end
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def owner_name(self) -> str: ...
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def ledger(self) -> Ledger: ...
+
+
+def _blocked(session: Any, operation: str) -> asyncio.Task[Any]:
     """The slow path when the calling thread is not the session's.
 
     Either the scope has ended (refused, unless its own teardown task calls:
-    then that task is returned), or the caller runs in another thread.
+    then that task is returned; the teardown calls the user's ``session_class``
+    commit()/close(), which may well call other operations of the session), or
+    the caller runs in another thread.
     """
-    if self._ts_scope.closed:
-        refuse_closed(self, operation)
-        task = current_task()
-        assert task is not None  # refuse_closed() let only the teardown task through
-        return task
+    scope: GuardedScope = session._ts_scope
+    if scope.closed:
+        teardown = scope.teardown_task
+        if teardown is None or get_running_loop_or_none() is None or teardown is not current_task():
+            raise ScopeClosedError(scope.name, f"{operation}()", manager=scope.label)
+        return teardown
     raise CrossThreadError(f"{operation}()")
-
-
-def calling_task(self: Any, operation: str) -> asyncio.Task[Any]:
-    """The task calling ``operation``; raises if the scope ended or from another thread."""
-    # Asking the loop we know for its running task avoids get_running_loop(),
-    # which costs a getpid() system call on CPython 3.11; the thread check
-    # makes that safe.
-    if _get_ident() != self._ts_thread:
-        return blocked(self, operation)
-    task = _current_task_of(self._ts_loop)
-    if task is None:  # pragma: no cover - a loop callback, not a task
-        raise CrossThreadError(f"{operation}()")
-    return task
-
-
-def refuse_closed(self: Any, operation: str) -> None:
-    """The scope has ended: refuse ``operation``, unless its own teardown calls it.
-
-    The teardown calls the user's ``session_class`` commit()/close(), which may
-    well call flush() or other operations of the session themselves.
-    """
-    scope = self._ts_scope
-    teardown = scope._teardown_task
-    if teardown is None or get_running_loop_or_none() is None or teardown is not current_task():
-        raise ScopeClosedError(scope.name, operation)
-
-
-# Entering an operation returns whether this call took the session (and so
-# must release it in leave()); a same-task reentrant call does not. No depth
-# counter: the flag lives in the caller's frame, which costs nothing.
-
-
-def enter_off(self: Any, operation: str) -> bool:
-    """Start ``operation`` with the guard off: refuse only a closed scope or another thread.
-
-    Tasks may overlap, so the operations in flight are counted (the scope's
-    teardown waits for them to end).
-    """
-    if _get_ident() != self._ts_thread:
-        blocked(self, operation)
-    self._ts_in_flight += 1
-    return True
-
-
-def leave_off(self: Any, owned: bool) -> None:
-    """Finish an operation started by :func:`enter_off`."""
-    count = self._ts_in_flight - 1
-    self._ts_in_flight = count
-    if count == 0 and self._ts_thread == CLOSED:
-        wake_teardown(self)
 
 
 def in_operation(session: Any) -> bool:
@@ -158,90 +124,158 @@ def in_operation(session: Any) -> bool:
     return session._ts_busy_task is not None or session._ts_in_flight != 0
 
 
-def enter_concurrent(self: Any, operation: str) -> bool:
-    """Start ``operation``; refuse it if another task is inside an operation."""
-    task = calling_task(self, operation)
-    busy = self._ts_busy_task
-    if busy is None:
-        self._ts_busy_task = task
-        self._ts_busy_operation = operation
-        return True
-    if busy is not task:
-        raise conflict(self, task, operation, strict=False)
-    return False
-
-
-def enter_strict(self: Any, operation: str) -> bool:
-    """Start ``operation``; refuse it unless the scope's owner task calls."""
-    task = calling_task(self, operation)
-    scope = self._ts_scope
-    if task is not scope.owner and task is not scope._teardown_task:
-        raise conflict(self, task, operation, strict=True)
-    if self._ts_busy_task is None:
-        self._ts_busy_task = task
-        self._ts_busy_operation = operation
-        return True
-    return False
-
-
-def leave(self: Any, owned: bool) -> None:
-    """Finish an operation; if it took the session, release it (and wake a waiting teardown)."""
-    if owned:
-        self._ts_busy_task = None
-        if self._ts_thread == CLOSED:
-            wake_teardown(self)
-
-
-def wake_teardown(self: Any) -> None:
+def wake_teardown(session: Any) -> None:
     """Wake the scope teardown waiting for this session's operations to end, if one is."""
-    scope = self._ts_scope
-    waiter = scope._idle_waiter
+    scope: GuardedScope = session._ts_scope
+    waiter = scope.idle_waiter
     if waiter is not None:
-        scope._idle_waiter = None
+        scope.idle_waiter = None
         waiter.set()
 
 
-def check_sync_off(self: Any, operation: str) -> None:
-    """Check a synchronous mutator with the guard off: closed scope and thread only."""
-    if _get_ident() != self._ts_thread:
-        blocked(self, operation)
+# -- coroutine operations: one wrapper factory per mode ----------------------------
 
 
-def check_sync_concurrent(self: Any, operation: str) -> None:
-    """Check a synchronous mutator (``add``, ``expire``, ...) under ``"concurrent"``.
+def _one_at_a_time(
+    name: str, method: Coroutine_, on_timeout: OnTimeout, strict: bool
+) -> Coroutine_:
+    """``"concurrent"`` (and, with ``strict``, ``"strict"``): one task inside at a time."""
 
-    It does no I/O itself, so it only has to stay out of another task's
-    in-flight operation.
+    @functools.wraps(method)
+    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # One check for both "scope ended" and "another thread". Asking the loop
+        # we know for its running task avoids get_running_loop(), which costs a
+        # getpid() system call on CPython 3.11; the thread check makes that safe.
+        task: Any
+        if _get_ident() == self._ts_thread:
+            task = _current_task_of(self._ts_loop)
+        else:
+            task = _blocked(self, name)
+        if strict:
+            scope = self._ts_scope
+            if task is not scope.owner and task is not scope.teardown_task:
+                raise _conflict(self, task, name, strict=True)
+        busy = self._ts_busy_task
+        if busy is None:
+            self._ts_busy_task = task
+            self._ts_busy_operation = name
+            try:
+                return await method(self, *args, **kwargs)
+            except sa_exc.TimeoutError as error:
+                raise on_timeout(self, error) from error
+            finally:
+                self._ts_busy_task = None
+                if self._ts_thread == CLOSED:
+                    wake_teardown(self)
+        if busy is not task and not strict:
+            raise _conflict(self, task, name, strict=False)
+        # Same-task reentrancy: the outer call releases the session.
+        try:
+            return await method(self, *args, **kwargs)
+        except sa_exc.TimeoutError as error:
+            raise on_timeout(self, error) from error
+
+    return guarded
+
+
+def _concurrent(name: str, method: Coroutine_, on_timeout: OnTimeout) -> Coroutine_:
+    return _one_at_a_time(name, method, on_timeout, False)
+
+
+def _strict(name: str, method: Coroutine_, on_timeout: OnTimeout) -> Coroutine_:
+    return _one_at_a_time(name, method, on_timeout, True)
+
+
+def _off(name: str, method: Coroutine_, on_timeout: OnTimeout) -> Coroutine_:
+    """``"off"``: tasks may overlap, so the operations in flight are counted.
+
+    The scope's teardown waits for them to end.
     """
-    if _get_ident() != self._ts_thread:
-        task = blocked(self, operation)
-    elif self._ts_busy_task is None:
-        return
-    else:
-        task = calling_task(self, operation)
-    busy = self._ts_busy_task
-    if busy is not None and busy is not task:
-        raise conflict(self, task, operation, strict=False)
+
+    @functools.wraps(method)
+    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _get_ident() != self._ts_thread:
+            _blocked(self, name)
+        self._ts_in_flight += 1
+        try:
+            return await method(self, *args, **kwargs)
+        except sa_exc.TimeoutError as error:
+            raise on_timeout(self, error) from error
+        finally:
+            count = self._ts_in_flight - 1
+            self._ts_in_flight = count
+            if count == 0 and self._ts_thread == CLOSED:
+                wake_teardown(self)
+
+    return guarded
 
 
-def check_sync_strict(self: Any, operation: str) -> None:
-    """Check a synchronous mutator under ``"strict"``: only the scope's owner may call it."""
-    # calling_task() inlined: this runs on every add().
-    task: Any
-    if _get_ident() == self._ts_thread:
-        task = _current_task_of(self._ts_loop)
-    else:
-        task = blocked(self, operation)
-    scope = self._ts_scope
-    if task is not scope.owner and task is not scope._teardown_task:
-        raise conflict(self, task, operation, strict=True)
+#: guard mode -> ``factory(name, method, on_timeout)``: the guarded coroutine method.
+COROUTINE_GUARDS: dict[str, Callable[[str, Coroutine_, OnTimeout], Coroutine_]] = {
+    "concurrent": _concurrent,
+    "strict": _strict,
+    "off": _off,
+}
 
 
-#: guard mode -> (enter a coroutine operation, leave it, check a synchronous mutator)
-BY_MODE = {
-    "concurrent": (enter_concurrent, leave, check_sync_concurrent),
-    "strict": (enter_strict, leave, check_sync_strict),
-    "off": (enter_off, leave_off, check_sync_off),
+# -- synchronous mutators (add, expire, begin...): they do no I/O themselves ------
+
+
+def _sync_concurrent(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """Stay out of another task's in-flight operation."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        task: Any
+        if _get_ident() != self._ts_thread:
+            task = _blocked(self, name)
+        elif self._ts_busy_task is None:
+            return method(self, *args, **kwargs)
+        else:
+            task = _current_task_of(self._ts_loop)
+        busy = self._ts_busy_task
+        if busy is not None and busy is not task:
+            raise _conflict(self, task, name, strict=False)
+        return method(self, *args, **kwargs)
+
+    return guarded
+
+
+def _sync_strict(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """Only the scope's owner (or its teardown) may call it."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        task: Any
+        if _get_ident() == self._ts_thread:
+            task = _current_task_of(self._ts_loop)
+        else:
+            task = _blocked(self, name)
+        scope = self._ts_scope
+        if task is not scope.owner and task is not scope.teardown_task:
+            raise _conflict(self, task, name, strict=True)
+        return method(self, *args, **kwargs)
+
+    return guarded
+
+
+def _sync_off(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """A closed scope and another thread only."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _get_ident() != self._ts_thread:
+            _blocked(self, name)
+        return method(self, *args, **kwargs)
+
+    return guarded
+
+
+#: guard mode -> ``factory(name, method)``: the guarded synchronous method.
+SYNC_GUARDS: dict[str, Callable[[str, Callable[..., Any]], Callable[..., Any]]] = {
+    "concurrent": _sync_concurrent,
+    "strict": _sync_strict,
+    "off": _sync_off,
 }
 
 
@@ -278,11 +312,12 @@ def task_location(task: asyncio.Task[Any]) -> str:
     return _describe(reversed(task.get_stack()))
 
 
-def conflict(
-    self: Any, task: asyncio.Task[Any], operation: str, *, strict: bool
+def _conflict(
+    session: Any, task: asyncio.Task[Any], operation: str, *, strict: bool
 ) -> ConcurrentSessionError:
     """Build (and count, and log once) the error for a refused operation."""
-    scope: Scope = self._ts_scope
+    self = session
+    scope: GuardedScope = self._ts_scope
     if strict:
         holder = scope.owner
         holder_operation = self._ts_busy_operation if self._ts_busy_task is holder else "-"
@@ -304,8 +339,9 @@ def conflict(
         caller_operation=operation,
         caller_location=_describe(_caller_frames()),
         strict=strict,
+        manager=scope.label,
     )
-    scope.manager._count_violation()
+    scope.ledger.violations += 1
     # Logged here, once per violation, so that gather(..., return_exceptions=True)
     # cannot make it disappear.
     logger.warning("%s", error)

@@ -22,16 +22,14 @@ import asyncio
 import logging
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 import anyio
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
-
-if TYPE_CHECKING:
-    from ._config import Binding
 
 __all__ = [
     "cancel_orphans",
@@ -40,7 +38,7 @@ __all__ = [
     "has_orphans",
     "root_engine",
     "watch",
-    "watch_binding",
+    "watch_all",
 ]
 
 logger = logging.getLogger("tasksession")
@@ -126,9 +124,9 @@ def watch(engine: AsyncEngine) -> None:
     event.listen(root, "invalidate", on_invalidate)
 
 
-def watch_binding(binding: Binding) -> None:
-    """:func:`watch` every engine of ``binding`` (primary, replicas, extra pools)."""
-    for engine in (binding.engine, *binding.replica_engines, *binding.extra_engines):
+def watch_all(engines: Iterable[AsyncEngine]) -> None:
+    """:func:`watch` every engine of a configuration (primary, replicas, extra pools)."""
+    for engine in engines:
         watch(engine)
 
 

@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import logging
+import sys
 import threading
-import time
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
-from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._compat import current_task, get_running_loop_or_none
 from ._config import Binding, ManagerOptions, create_binding, split_options
-from ._errors import (
-    CrossThreadError,
-    NoScopeError,
-    NotConfiguredError,
-    PoolExhaustedError,
-    ScopeClosedError,
-)
-from ._interrupt import finish_cancelling, watch_binding
-from ._registry import ScopeRegistry
+from ._errors import CrossThreadError, NoScopeError, ScopeClosedError
+from ._interrupt import finish_cancelling, watch_all
+from ._pool import checked_out, size_of
 from ._retry import RetryPolicy
-from ._scope import Scope, visible_scope
-from ._session import is_materialized
-from ._stats import ManagerStatistics, ScopeInfo
+from ._scope import Scope, ScopeHome
+from ._session import session_class_for
+from ._stats import ManagerStatistics, ScopeInfo, scope_info
 from ._task_group import SessionTaskGroup
+from ._tasks import assigned_name, visible_scope
 from ._transactional import transactional
 
 __all__ = ["SessionManager"]
@@ -43,10 +34,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _manager_ids = itertools.count(1)
-
-#: Seconds after a commit during which the same task's readonly scopes read
-#: from the primary, so they see their own writes (replicas may lag).
-REPLICA_LAG = 5.0
 
 
 class SessionManager:
@@ -68,24 +55,11 @@ class SessionManager:
     """
 
     def __init__(self, url: str | URL | None = None, **options: Any) -> None:
-        self._id = next(_manager_ids)
-        self._current: ContextVar[Scope | None] = ContextVar(f"tasksession.scope.{self._id}")
-        self._wrote_at: ContextVar[float] = ContextVar(f"tasksession.wrote_at.{self._id}")
-        self._binding: Binding | None = None
-        # The loop and thread scopes last ran on (a fast path for finding the task).
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = -1
+        # What the scopes share (configuration, ContextVar, counters): see _scope.
+        self._home = home = ScopeHome(assigned_name(sys._getframe(1)), next(_manager_ids))
+        self._label = home.label or "manager"  # how messages spell the manager in code
+        self._current = home.current
         self._retired: list[Binding] = []
-        self._open_scopes = ScopeRegistry()
-        # Scopes register themselves here (untouched ones; see _registry).
-        self._untouched_scopes = self._open_scopes.untouched
-        self._replica_turn = itertools.count()
-        self._scopes_entered = 0
-        self._commits = 0
-        self._rollbacks = 0
-        self._violations = 0
-        self._teardown_failures = 0
-        self._label = "db"
         if url is not None or "engine" in options:
             self.configure(url, **options)
         elif options:
@@ -131,11 +105,12 @@ class SessionManager:
         scopes get the new one, and a :class:`RuntimeWarning` says so.
         """
         manager_options, engine_kwargs = split_options(options)
-        binding = create_binding(url, engine, manager_options, engine_kwargs)
-        watch_binding(binding)
-        previous = self._binding
+        session_class = session_class_for(manager_options.session_class, manager_options.guard)
+        binding = create_binding(url, engine, manager_options, engine_kwargs, session_class)
+        watch_all(binding.engines)
+        previous = self._home.binding
         if previous is not None:
-            still_open = sum(1 for scope in self._open_scopes if scope.binding is previous)
+            still_open = sum(1 for scope in self._home.open_scopes if scope.binding is previous)
             if still_open:
                 warnings.warn(
                     f"{self._label}.configure() was called while {still_open} scope(s) are "
@@ -145,12 +120,12 @@ class SessionManager:
                     stacklevel=2,
                 )
             self._retired.append(previous)
-        self._binding = binding
+        self._home.binding = binding
 
     @property
     def configured(self) -> bool:
         """Whether :meth:`configure` (or a URL at construction) bound the manager."""
-        return self._binding is not None
+        return self._home.binding is not None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -158,12 +133,12 @@ class SessionManager:
 
         :raises NotConfiguredError: the manager is not configured.
         """
-        return self._require_binding().engine
+        return self._home.require_binding().engine
 
     @property
     def options(self) -> ManagerOptions:
         """The manager's current settings."""
-        return self._require_binding().options
+        return self._home.require_binding().options
 
     async def dispose(self) -> None:
         """Dispose the engines the manager created (current and replaced ones).
@@ -171,7 +146,8 @@ class SessionManager:
         Open scopes are not interrupted; call this at shutdown, after they ended.
         An ``engine=`` passed in by the application is left to the application.
         """
-        bindings = [*self._retired, *([self._binding] if self._binding else [])]
+        current = self._home.binding
+        bindings = [*self._retired, *([current] if current else [])]
         self._retired.clear()
         # Statements orphaned by cancellations are being cancelled over these pools.
         await finish_cancelling([binding.engine for binding in bindings])
@@ -215,7 +191,7 @@ class SessionManager:
         :param independent: always start a new session and transaction, even inside an
             open scope of the same task.
         """
-        return Scope(self, name, readonly, savepoint, independent)
+        return Scope(self._home, name, readonly, savepoint, independent)
 
     def transactional(
         self,
@@ -247,7 +223,7 @@ class SessionManager:
         :raises CommitOutcomeUnknownError: the connection was lost during COMMIT
             (never retried: the database may have committed).
         """
-        return transactional(self, retry, name, readonly)
+        return transactional(self.scope, self._label, retry, name, readonly)
 
     def task_group(self, *, readonly: bool = False) -> SessionTaskGroup:
         """Run database work in parallel: ``async with db.task_group() as tg: tg.start_soon(fn)``.
@@ -260,7 +236,7 @@ class SessionManager:
         :param readonly: run every child in a ``readonly=True`` scope (never commits;
             may read from a replica).
         """
-        return SessionTaskGroup(self, readonly)
+        return SessionTaskGroup(self.scope, self._home.require_binding, readonly)
 
     @property
     def session(self) -> AsyncSession:
@@ -273,12 +249,12 @@ class SessionManager:
         """
         scope = self._current.get(None)
         if scope is None:
-            raise NoScopeError(self._label)
+            raise NoScopeError(self._home.label)
         # Checking the loop costs a getpid() system call on CPython 3.11: do it
         # only off the thread scopes last ran on (a worker thread, usually).
-        if _get_ident() != self._thread and get_running_loop_or_none() is None:
+        if _get_ident() != self._home.thread and get_running_loop_or_none() is None:
             raise CrossThreadError(f"{self._label}.session")
-        if scope.closed or scope._private_frame is not None:
+        if scope.closed or scope.private_frame is not None:
             return self._session_of_visible_scope(scope)
         return scope.session  # type: ignore[no-any-return]
 
@@ -286,121 +262,46 @@ class SessionManager:
         # The slow path of `session`: the variable's scope may not be this code's.
         visible = visible_scope(scope, current_task())
         if visible is None:
-            raise NoScopeError(self._label, reason=_why_not_visible(scope))
+            raise NoScopeError(self._home.label, reason=_why_not_visible(scope))
         if visible.closed:
             # Inherited from the task that started this one, and ended since.
-            raise ScopeClosedError(visible.name, f"{self._label}.session")
+            raise ScopeClosedError(visible.name, f"{self._label}.session", manager=self._home.label)
         return visible.session  # type: ignore[no-any-return]
 
     # -- diagnostics -----------------------------------------------------------------
 
     def active_scopes(self) -> list[ScopeInfo]:
         """Describe the open scopes, oldest first."""
-        return [_scope_info(scope) for scope in self._open_scopes]
+        return [scope_info(scope) for scope in self._home.open_scopes]
 
     def statistics(self) -> ManagerStatistics:
         """Counters and gauges: scopes, commits, rollbacks, guard violations, pool use."""
-        checked_out: int | None = None
-        size: int | None = None
-        if self._binding is not None:
-            pool: Any = self._binding.engine.sync_engine.pool
-            checked_out = _call_int(pool, "checkedout")
-            size = _call_int(pool, "size")
-            # readonly_autocommit's own pool counts too: a leak there is a leak.
-            for extra in self._binding.extra_engines:
-                extra_out = _call_int(extra.sync_engine.pool, "checkedout")
-                if checked_out is not None and extra_out is not None:
-                    checked_out += extra_out
+        home = self._home
+        ledger = home.ledger
+        binding = home.binding
+        open_scopes = list(home.open_scopes)
         return ManagerStatistics(
-            open_scopes=len(self._open_scopes),
-            open_sessions=sum(1 for scope in self._open_scopes if is_materialized(scope.session)),
-            scopes_entered=self._scopes_entered,
-            commits=self._commits,
-            rollbacks=self._rollbacks,
-            concurrent_violations=self._violations,
-            teardown_failures=self._teardown_failures,
-            pool_checked_out=checked_out,
-            pool_size=size,
+            open_scopes=len(open_scopes),
+            open_sessions=sum(1 for scope in open_scopes if scope.has_session),
+            scopes_entered=ledger.scopes_entered,
+            commits=ledger.commits,
+            rollbacks=ledger.rollbacks,
+            concurrent_violations=ledger.violations,
+            teardown_failures=ledger.teardown_failures,
+            # readonly_autocommit's own pool counts too: a leak there is a leak.
+            pool_checked_out=(
+                None if binding is None else checked_out((binding.engine, *binding.extra_engines))
+            ),
+            pool_size=None if binding is None else size_of(binding.engine),
+            pool_timeouts=ledger.pool_timeouts,
         )
 
     def __repr__(self) -> str:
-        if self._binding is None:
-            return "<SessionManager (not configured)>"
-        url = self._binding.engine.url.render_as_string(hide_password=True)
-        return f"<SessionManager {url} open_scopes={len(self._open_scopes)}>"
-
-    # -- internals used by scopes and sessions -------------------------------------
-
-    def _require_binding(self) -> Binding:
-        binding = self._binding
+        binding = self._home.binding
         if binding is None:
-            raise NotConfiguredError(self._label)
-        return binding
-
-    def _readonly_engine_for(self, binding: Binding) -> AsyncEngine:
-        # A replica, unless this task committed within REPLICA_LAG (read-your-writes).
-        replicas = binding.replica_readonly_engines
-        if replicas and time.monotonic() - self._wrote_at.get(-REPLICA_LAG) >= REPLICA_LAG:
-            return replicas[next(self._replica_turn) % len(replicas)]
-        return binding.readonly_engine
-
-    def _count_end(self, scope: Scope, outcome: Literal["commit", "rollback"] | None) -> None:
-        if outcome == "commit":
-            self._commits += 1
-        elif outcome == "rollback":
-            self._rollbacks += 1
-        options = scope.binding.options if scope.binding is not None else None
-        if options is not None and options.warn_after is not None:
-            age = scope.age
-            if age > options.warn_after:
-                logging.getLogger("tasksession").warning(
-                    "scope %r (task %r, opened at %s) was open for %.1fs (warn_after=%s): "
-                    "it held a session%s that long",
-                    scope.name,
-                    scope.owner_name,
-                    scope.opened_at,
-                    age,
-                    options.warn_after,
-                    " and a connection" if outcome is not None else "",
-                )
-
-    def _note_write(self) -> None:
-        # Deliberately never reset: it marks this task (and tasks it starts
-        # later) as having written, for REPLICA_LAG seconds.
-        self._wrote_at.set(time.monotonic())
-
-    def _count_violation(self) -> None:
-        self._violations += 1
-
-    def _count_teardown_failure(self) -> None:
-        self._teardown_failures += 1
-
-    def _pool_exhausted(self, error: sa_exc.TimeoutError, bind: Any = None) -> PoolExhaustedError:
-        """The :class:`PoolExhaustedError` for a checkout from ``bind``'s pool that timed out.
-
-        ``bind`` is the engine of the session whose checkout timed out (default:
-        the primary): its pool's status is reported, and the scopes holding
-        connections *of that pool*, not of the manager's other pools (the
-        ``readonly_autocommit`` pool, replicas).
-        """
-
-        def pool_of(engine: Any) -> Any:  # an AsyncEngine's or AsyncConnection's pool
-            return getattr(getattr(engine, "sync_engine", None), "pool", None)
-
-        if bind is None and self._binding is not None:
-            bind = self._binding.engine
-        pool = pool_of(bind)
-        if pool is None:
-            return PoolExhaustedError("no pool", [])
-
-        def holds_from_pool(scope: Scope) -> bool:
-            # A scope's session is bound to one engine (Scope.engine): the
-            # connections it holds come from that engine's pool.
-            return scope.holds_connection and pool_of(scope.session.bind) is pool
-
-        holders = [_scope_info(scope) for scope in self._open_scopes if holds_from_pool(scope)]
-        holders.sort(key=lambda info: -info.age)
-        return PoolExhaustedError(pool.status(), holders)
+            return "<SessionManager (not configured)>"
+        url = binding.engine.url.render_as_string(hide_password=True)
+        return f"<SessionManager {url} open_scopes={len(self._home.open_scopes)}>"
 
 
 def _why_not_visible(scope: Scope) -> str:
@@ -414,26 +315,4 @@ def _why_not_visible(scope: Scope) -> str:
         f"the innermost scope, {scope.name!r} (opened at {scope.opened_at}), belongs to an "
         "async generator that is suspended at a `yield`: a scope opened inside an async "
         "generator covers the generator's own code, not the code iterating it"
-    )
-
-
-def _call_int(pool: Any, method: str) -> int | None:
-    function = getattr(pool, method, None)
-    if function is None:
-        return None
-    try:
-        return int(function())
-    except (TypeError, ValueError):  # pragma: no cover - exotic pools
-        return None
-
-
-def _scope_info(scope: Scope) -> ScopeInfo:
-    return ScopeInfo(
-        name=scope.name,
-        task_name=scope.owner_name,
-        age=scope.age,
-        opened_at=scope.opened_at,
-        has_session=is_materialized(scope.session),
-        holds_connection=scope.holds_connection,
-        readonly=scope.readonly,
     )

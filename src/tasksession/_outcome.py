@@ -17,12 +17,7 @@ can be told from "rolled back".
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
-
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm.session import SessionTransactionState
-
-from ._retry import is_disconnect, sqlstate_of
+from typing import Final, Literal
 
 __all__ = [
     "COMMITTED",
@@ -31,8 +26,6 @@ __all__ = [
     "UNKNOWN",
     "Outcome",
     "mark_cancellation",
-    "outcome_of_failed_commit",
-    "server_rejected",
 ]
 
 Outcome = Literal["committed", "rolled back", "unknown"]
@@ -43,38 +36,6 @@ UNKNOWN: Final = "unknown"
 
 #: Attribute set on a cancellation re-raised by a scope's exit: the unit's outcome.
 OUTCOME_ATTRIBUTE: Final = "tasksession_outcome"
-
-
-def server_rejected(error: BaseException) -> bool:
-    """Whether ``error`` is the server's own answer: an error with an SQLSTATE, not a disconnect.
-
-    Such an answer to COMMIT means the server rolled the transaction back.
-    """
-    if not isinstance(error, sa_exc.DBAPIError) or error.connection_invalidated:
-        return False
-    return sqlstate_of(error) is not None and not is_disconnect(error)
-
-
-def outcome_of_failed_commit(sync_session: Any, error: BaseException, *, sent: bool) -> Outcome:
-    """The outcome of a unit whose commit raised ``error``.
-
-    :param sync_session: the unit's :class:`~sqlalchemy.orm.Session`, before it is closed.
-    :param sent: the failure came from the COMMIT round trip itself (the short
-        commit ways send nothing else); otherwise the transaction's state says
-        whether SQLAlchemy had got as far as sending it.
-    """
-    if not sent:
-        transaction = sync_session._transaction
-        while transaction is not None and transaction._parent is not None:
-            transaction = transaction._parent
-        state = transaction._state if transaction is not None else None
-        if state is SessionTransactionState.COMMITTED:
-            return COMMITTED  # a listener after the COMMIT failed; the unit is durable
-        # Prepared: flushed and about to, or busy, committing its connections.
-        sent = state is SessionTransactionState.PREPARED
-    if not sent:
-        return ROLLED_BACK  # failed before COMMIT (flush, a before_commit listener)
-    return ROLLED_BACK if server_rejected(error) else UNKNOWN
 
 
 def mark_cancellation(cancelled: BaseException, outcome: Outcome, scope_name: str) -> None:

@@ -34,6 +34,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import pool as sa_pool
 
 __all__ = [
+    "server_rejected",
     "DEADLOCK",
     "SERIALIZATION_FAILURE",
     "RetryPolicy",
@@ -191,6 +192,16 @@ def lost_connection_note(error: BaseException, guard_mode: str = "concurrent") -
     if sqlstate_of(error) is not None:
         return None
     return _LOST_CONNECTION + (_UNGUARDED if guard_mode == "off" else _GUARDED) + _RETRY_HINT
+
+
+def server_rejected(error: BaseException) -> bool:
+    """Whether ``error`` is the server's own answer: an error with an SQLSTATE, not a disconnect.
+
+    Such an answer to COMMIT means the server rolled the transaction back.
+    """
+    if not isinstance(error, sa_exc.DBAPIError) or error.connection_invalidated:
+        return False
+    return sqlstate_of(error) is not None and not is_disconnect(error)
 
 
 def explain_lost_connection(error: BaseException, guard_mode: str = "concurrent") -> None:

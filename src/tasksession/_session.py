@@ -20,105 +20,55 @@ and keeps every method the user added.
 
 from __future__ import annotations
 
-import functools
+import logging
+import warnings
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction
 from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
 
-from . import _guard, _loading, _streams
+from . import _loading, _streams
 from ._completion import run_to_completion
-from ._errors import PoolExhaustedError, ReadOnlyScopeError
+from ._errors import ReadOnlyScopeError
+from ._guard import COROUTINE_GUARDS, SYNC_GUARDS
+from ._members import GUARDED_COROUTINES, GUARDED_SYNC, UNGUARDED
+from ._pool import exhausted
+from ._stats import Ledger, NamedScope, ScopeRegistry
 
 __all__ = [
     "GUARDED_COROUTINES",
+    "SessionScope",
     "GUARDED_SYNC",
     "UNGUARDED",
     "is_materialized",
     "session_class_for",
 ]
 
-#: Coroutine methods that may do I/O or change transaction state.
-GUARDED_COROUTINES = (
-    "execute",
-    "scalar",
-    "scalars",
-    "get",
-    "get_one",
-    "stream",
-    "stream_scalars",
-    "flush",
-    "commit",
-    "rollback",
-    "close",
-    "aclose",
-    "reset",
-    "invalidate",
-    "refresh",
-    "merge",
-    "merge_all",
-    "delete",
-    "delete_all",
-    "run_sync",
-    "connection",
-)
-
-#: Synchronous methods that change session state (guarded against another
-#: task's in-flight operation; ``begin``/``begin_nested`` also guard the
-#: transaction object they return).
-GUARDED_SYNC = (
-    "add",
-    "add_all",
-    "expunge",
-    "expunge_all",
-    "expire",
-    "expire_all",
-    "begin",
-    "begin_nested",
-)
-
-#: Public ``AsyncSession`` members that are safe without the guard: they only
-#: read state, or configure binds before use. The test suite fails when
-#: SQLAlchemy grows a public member that is in none of these three lists.
-UNGUARDED = frozenset(
-    {
-        "bind",
-        "binds",
-        "bind_mapper",
-        "bind_table",
-        "close_all",
-        "dirty",
-        "deleted",
-        "new",
-        "identity_map",
-        "identity_key",
-        "in_transaction",
-        "in_nested_transaction",
-        "is_active",
-        "is_modified",
-        "autoflush",
-        "no_autoflush",
-        "info",
-        "execution_options",
-        "get_bind",
-        "get_async_bind",
-        "get_transaction",
-        "get_nested_transaction",
-        "object_session",
-        "sync_session",
-        "sync_session_class",
-        "dispatch",
-    }
-)
-
 _CLASS_CACHE: dict[tuple[type[AsyncSession], str], type[AsyncSession]] = {}
 
-_ENTER = {mode: enter for mode, (enter, _, _) in _guard.BY_MODE.items()}
-_LEAVE = {mode: leave for mode, (_, leave, _) in _guard.BY_MODE.items()}
-_CHECK_SYNC = {mode: check for mode, (_, _, check) in _guard.BY_MODE.items()}
+logger = logging.getLogger("tasksession")
+
+
+class SessionScope(NamedScope, Protocol):
+    """What a session reads of (and reports to) the scope that created it."""
+
+    readonly: bool
+    closed: bool
+    binding: Any  # the scope's configuration (a _config.Binding)
+
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def engine(self) -> AsyncEngine: ...
+    @property
+    def open_scopes(self) -> ScopeRegistry: ...
+    @property
+    def ledger(self) -> Ledger: ...
+    def session_built(self) -> None: ...
 
 
 def is_materialized(session: AsyncSession) -> bool:
@@ -127,111 +77,36 @@ def is_materialized(session: AsyncSession) -> bool:
 
 
 def _pool_exhausted(session: Any, error: sa_exc.TimeoutError) -> BaseException:
-    if isinstance(error, PoolExhaustedError):
-        return error
     # The pool that timed out is the one of the engine this session is bound to
     # (a readonly scope's may be the readonly_autocommit pool or a replica's).
     # The session is built by now (a checkout ran); the check keeps it unbuilt if not.
-    bind = session.bind if is_materialized(session) else None
-    exhausted: PoolExhaustedError = session._ts_scope.manager._pool_exhausted(error, bind)
-    return exhausted
+    scope: SessionScope = session._ts_scope
+    bind = session.bind if is_materialized(session) else scope.binding.engine
+    return exhausted(error, bind, scope.open_scopes, scope.ledger)
 
 
-def _guard_coroutine_one_at_a_time(
-    name: str, method: Callable[..., Coroutine[Any, Any, Any]], strict: bool
-) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """:func:`_guard.enter_concurrent` (or ``enter_strict``) and :func:`_guard.leave` inlined.
-
-    The same steps as those functions, without two calls per operation: this
-    is the guard's whole cost on every execute/get/flush.
-    """
-    blocked = _guard.blocked
-    conflict = _guard.conflict
-    wake = _guard.wake_teardown
-    get_ident = _guard.get_ident
-    current_task_of = _guard.current_task_of
-    closed = _guard.CLOSED
-
-    @functools.wraps(method)
-    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        # One check for both "scope ended" and "another thread" (see _guard).
-        task: Any
-        if get_ident() == self._ts_thread:
-            task = current_task_of(self._ts_loop)
-        else:
-            task = blocked(self, name)
-        if strict:
-            scope = self._ts_scope
-            if task is not scope.owner and task is not scope._teardown_task:
-                raise conflict(self, task, name, strict=True)
-        busy = self._ts_busy_task
-        if busy is None:
-            self._ts_busy_task = task
-            self._ts_busy_operation = name
-            try:
-                return await method(self, *args, **kwargs)
-            except sa_exc.TimeoutError as error:
-                raise _pool_exhausted(self, error) from error
-            finally:
-                self._ts_busy_task = None
-                if self._ts_thread == closed:
-                    wake(self)
-        if busy is not task and not strict:
-            raise conflict(self, task, name, strict=False)
-        # Same-task reentrancy: the outer call releases the session.
-        try:
-            return await method(self, *args, **kwargs)
-        except sa_exc.TimeoutError as error:
-            raise _pool_exhausted(self, error) from error
-
-    return guarded
+# Steps the guard must see as operations of the session (guarded _ts_* methods).
 
 
-def _guard_coroutine_off(
-    name: str, method: Callable[..., Coroutine[Any, Any, Any]]
-) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """:func:`_guard.enter_off` and :func:`_guard.leave_off` inlined."""
-    blocked = _guard.blocked
-    wake = _guard.wake_teardown
-    get_ident = _guard.get_ident
-    closed = _guard.CLOSED
-
-    @functools.wraps(method)
-    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if get_ident() != self._ts_thread:
-            blocked(self, name)
-        self._ts_in_flight += 1
-        try:
-            return await method(self, *args, **kwargs)
-        except sa_exc.TimeoutError as error:
-            raise _pool_exhausted(self, error) from error
-        finally:
-            count = self._ts_in_flight - 1
-            self._ts_in_flight = count
-            if count == 0 and self._ts_thread == closed:
-                wake(self)
-
-    return guarded
+async def _start(session: Any, transaction: Any, is_ctxmanager: bool) -> Any:
+    return await AsyncSessionTransaction.start(transaction, is_ctxmanager)
 
 
-def _guard_sync(
-    name: str, method: Callable[..., Any], check: Callable[[Any, str], None]
-) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        check(self, name)
-        return method(self, *args, **kwargs)
-
-    return guarded
+async def _commit(session: Any, transaction: Any) -> None:
+    await AsyncSessionTransaction.commit(transaction)
 
 
-#: guard mode -> the wrapper of a coroutine operation (enter and leave inlined:
-#: this is the guard's whole cost on every execute/get/flush).
-_WRAP_BY_MODE: dict[str, Callable[[str, Any], Callable[..., Coroutine[Any, Any, Any]]]] = {
-    "concurrent": lambda name, method: _guard_coroutine_one_at_a_time(name, method, False),
-    "strict": lambda name, method: _guard_coroutine_one_at_a_time(name, method, True),
-    "off": _guard_coroutine_off,
-}
+async def _rollback(session: Any, transaction: Any) -> None:
+    await AsyncSessionTransaction.rollback(transaction)
+
+
+async def _exit(session: Any, transaction: Any, type_: Any, value: Any, traceback: Any) -> None:
+    await AsyncSessionTransaction.__aexit__(transaction, type_, value, traceback)
+
+
+async def _run_step(session: Any, step: Callable[[], Any]) -> None:
+    # A savepoint's RELEASE / ROLLBACK TO, to its end in a task of its own (_savepoint).
+    await run_to_completion(greenlet_spawn(step), session._ts_loop)
 
 
 class GuardedTransaction(AsyncSessionTransaction):
@@ -241,54 +116,39 @@ class GuardedTransaction(AsyncSessionTransaction):
 
     async def start(self, is_ctxmanager: bool = False) -> AsyncSessionTransaction:
         session: Any = self.session
-        owned = session._ts_enter("begin_nested" if self.nested else "begin")
-        try:
-            return await super().start(is_ctxmanager)
-        except sa_exc.TimeoutError as error:
-            raise _pool_exhausted(session, error) from error
-        finally:
-            session._ts_leave(owned)
+        if self.nested:
+            return await session._ts_begin_nested(self, is_ctxmanager)  # type: ignore[no-any-return]
+        return await session._ts_begin(self, is_ctxmanager)  # type: ignore[no-any-return]
 
     async def commit(self) -> None:
         session: Any = self.session
-        owned = session._ts_enter("commit")
-        try:
-            await super().commit()
-        finally:
-            session._ts_leave(owned)
+        await session._ts_commit(self)
 
     async def rollback(self) -> None:
         session: Any = self.session
-        owned = session._ts_enter("rollback")
-        try:
-            await super().rollback()
-        finally:
-            session._ts_leave(owned)
+        await session._ts_rollback(self)
 
     async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
         session: Any = self.session
-        owned = session._ts_enter("commit" if type_ is None else "rollback")
-        try:
-            await super().__aexit__(type_, value, traceback)
-        finally:
-            session._ts_leave(owned)
+        end = session._ts_exit_commit if type_ is None else session._ts_exit_rollback
+        await end(self, type_, value, traceback)
 
 
-def _make_aexit(base: type[AsyncSession]) -> Callable[..., Coroutine[Any, Any, None]]:
+def _make_close_to_completion(base: type[AsyncSession]) -> Callable[..., Coroutine[Any, Any, None]]:
     base_close = base.close
 
-    async def __aexit__(self: Any, type_: Any, value: Any, traceback: Any) -> None:
-        # SQLAlchemy closes in a task of its own, so that a cancellation cannot
-        # cut the close short; to the guard that task would be a stranger (and,
-        # under "strict", not the owner). Enter the guard here, in the task that
-        # leaves the block, and run the unguarded close in the helper task.
-        owned = self._ts_enter("close")
-        try:
-            await run_to_completion(base_close(self))
-        finally:
-            self._ts_leave(owned)
+    async def close_to_completion(self: Any) -> None:
+        # SQLAlchemy's __aexit__ closes in a task of its own, so that a cancellation
+        # cannot cut the close short; to the guard that task would be a stranger
+        # (and, under "strict", not the owner). The guard is entered in the task
+        # that leaves the block, and the unguarded close runs in the helper task.
+        await run_to_completion(base_close(self))
 
-    return __aexit__
+    return close_to_completion
+
+
+async def _aexit(self: Any, type_: Any, value: Any, traceback: Any) -> None:
+    await self._ts_close_to_completion()
 
 
 def _get_transaction(self: Any) -> AsyncSessionTransaction | None:
@@ -308,13 +168,32 @@ def _get_nested_transaction(self: Any) -> AsyncSessionTransaction | None:
 
 
 def _begin(self: Any) -> AsyncSessionTransaction:
-    self._ts_check_sync("begin")
     return GuardedTransaction(self)
 
 
 def _begin_nested(self: Any) -> AsyncSessionTransaction:
-    self._ts_check_sync("begin_nested")
     return GuardedTransaction(self, nested=True)
+
+
+def _report_unexited(self: Any) -> None:
+    """``__del__`` of a built session (never of an untouched one): was its scope exited?
+
+    The registry holds such scopes weakly so that this can happen at all; by now
+    SQLAlchemy's pool has dropped the connection (the server rolls back).
+    """
+    scope: SessionScope = self._ts_scope
+    if scope.closed:
+        return
+    scope.closed = True
+    scope.open_scopes.discard_built(scope)
+    message = (
+        f"scope {scope.name!r} (task {scope.owner_name!r}, opened at {scope.opened_at}) was "
+        "garbage-collected without being exited: it never committed, and its connection "
+        "was dropped (the server rolls its transaction back). Exit every scope you "
+        f"enter: `async with {scope.label or 'manager'}.scope():`, never a bare __aenter__()."
+    )
+    logger.error("tasksession: %s", message)
+    warnings.warn(message, ResourceWarning, stacklevel=1)
 
 
 def _make_getattr(base: type[AsyncSession], built: type[AsyncSession]) -> Callable[[Any, str], Any]:
@@ -350,7 +229,7 @@ def _make_getattr(base: type[AsyncSession], built: type[AsyncSession]) -> Callab
             raise
         # Lets sync-level event handlers find the scope without a lookup.
         self.sync_session._ts_scope = scope
-        scope._session_built()
+        scope.session_built()
         return getattr(self, name)
 
     return __getattr__
@@ -385,6 +264,7 @@ def _refuse_readonly_flush(session: Session, flush_context: Any, instances: Any)
             scope.name,
             f"flushing {len(session.new)} new, {len(session.dirty)} changed and "
             f"{len(session.deleted)} deleted object(s) ({', '.join(kinds)})",
+            manager=scope.home.label,
         )
 
 
@@ -416,26 +296,41 @@ def session_class_for(base: type[AsyncSession], guard_mode: str) -> type[AsyncSe
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
-        "_ts_enter": _ENTER[guard_mode],
-        "_ts_leave": _LEAVE[guard_mode],
         # The user's class: teardown calls its commit()/close() (overrides
         # included) past the guard.
         "_ts_base": base,
-        "_ts_check_sync": _CHECK_SYNC[guard_mode],
-        "begin": _begin,
-        "begin_nested": _begin_nested,
         "get_transaction": _get_transaction,
-        "__aexit__": _make_aexit(base),
         "get_nested_transaction": _get_nested_transaction,
+        "__aexit__": _aexit,
+        "__del__": _report_unexited,
     }
+    guard = COROUTINE_GUARDS[guard_mode]
+    for name, step in (
+        ("begin", _start),
+        ("begin_nested", _start),
+        ("commit", _commit),
+        ("rollback", _rollback),
+        ("exit_commit", _exit),
+        ("exit_rollback", _exit),
+    ):
+        operation = name.removeprefix("exit_")
+        namespace[f"_ts_{name}"] = guard(operation, step, _pool_exhausted)
+    namespace["_ts_close_to_completion"] = guard(
+        "close", _make_close_to_completion(base), _pool_exhausted
+    )
+    namespace["_ts_release_savepoint"] = guard("commit", _run_step, _pool_exhausted)
+    namespace["_ts_rollback_savepoint"] = guard("rollback", _run_step, _pool_exhausted)
+    sync_guard = SYNC_GUARDS[guard_mode]
+    namespace["begin"] = sync_guard("begin", _begin)
+    namespace["begin_nested"] = sync_guard("begin_nested", _begin_nested)
     for name in GUARDED_COROUTINES:
-        method = getattr(base, name, None)
-        if method is not None:
-            namespace[name] = _WRAP_BY_MODE[guard_mode](name, method)
+        coroutine = getattr(base, name, None)
+        if coroutine is not None:
+            namespace[name] = guard(name, coroutine, _pool_exhausted)
     for name in GUARDED_SYNC:
         method = getattr(base, name, None)
         if method is not None and name not in namespace:
-            namespace[name] = _guard_sync(name, method, _CHECK_SYNC[guard_mode])
+            namespace[name] = sync_guard(name, method)
     if "stream" in namespace:
         # stream_scalars() goes through stream(): both results get registered.
         namespace["stream"] = _streams.tracking(namespace["stream"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import greenlet_spawn
@@ -41,6 +42,7 @@ __all__ = [
     "commit_through_the_driver",
     "commits_like_its_connections",
     "driver_commit",
+    "held_connections",
     "is_asyncpg",
     "terminate_asyncpg",
 ]
@@ -48,6 +50,16 @@ __all__ = [
 _session_commit = Session.commit
 # SQLAlchemy 2.0's asyncpg adapter also flags a started transaction (2.1 does not).
 _ADAPTER_HAS_STARTED = hasattr(AsyncAdapt_asyncpg_connection, "_started")
+
+
+def held_connections(sync_session: Session) -> list[Connection]:
+    """The connections ``sync_session``'s transaction holds (without acquiring new ones)."""
+    transaction = sync_session.get_transaction()
+    if transaction is None:
+        return []
+    # SessionTransaction.connections is public only from SQLAlchemy 2.1.7; the
+    # private mapping (bind -> (connection, ...)) exists in every 2.x.
+    return [entry[0] for entry in getattr(transaction, "_connections", {}).values()]
 
 
 def commits_like_its_connections(sync: Session) -> bool:

@@ -21,16 +21,26 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import StreamClosedError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncResult
 
-    from ._scope import Scope
+__all__ = ["StreamingScope", "close_streams", "tracking"]
 
-__all__ = ["close_streams", "tracking"]
+
+class StreamingScope(Protocol):
+    """What this module reads and keeps on a scope: its open ``stream()`` results."""
+
+    streams: list[Any] | None  # None until the first stream(): most scopes never stream
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def label(self) -> str | None: ...
+
 
 logger = logging.getLogger("tasksession")
 
@@ -56,10 +66,10 @@ def tracking(
     return tracked
 
 
-def _register(scope: Scope, result: AsyncResult[Any]) -> None:
-    streams = scope._streams
+def _register(scope: StreamingScope, result: AsyncResult[Any]) -> None:
+    streams = scope.streams
     if streams is None:
-        scope._streams = [result]
+        scope.streams = [result]
         return
     if len(streams) >= _PRUNE_AT:
         # A long scope streaming many times: forget those the code closed itself.
@@ -67,17 +77,17 @@ def _register(scope: Scope, result: AsyncResult[Any]) -> None:
     streams.append(result)
 
 
-async def close_streams(scope: Scope) -> None:
+async def close_streams(scope: StreamingScope) -> None:
     """Close the scope's open streams and make every one of them refuse further reads.
 
     Runs in the scope's teardown, before the commit or rollback returns the
     connection. A failure to close is logged, never raised: the rollback or
     close that follows releases the cursor with its transaction anyway.
     """
-    streams = scope._streams
+    streams = scope.streams
     if not streams:
         return
-    scope._streams = None
+    scope.streams = None
     name = scope.name
     for result in streams:
         try:
@@ -87,12 +97,12 @@ async def close_streams(scope: Scope) -> None:
             logger.warning(
                 "tasksession: closing a stream() result of scope %r failed", name, exc_info=True
             )
-        _refuse_reads(result, name)
+        _refuse_reads(result, name, scope.label)
 
 
-def _refuse_reads(result: AsyncResult[Any], scope_name: str) -> None:
+def _refuse_reads(result: AsyncResult[Any], scope_name: str, label: str | None) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise StreamClosedError(scope_name)
+        raise StreamClosedError(scope_name, manager=label)
 
     # sqlalchemy.engine.Result has a __dict__ (its __slots__ include it), so
     # instance attributes shadow the fetch methods for this one result only.

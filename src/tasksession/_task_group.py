@@ -22,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 if TYPE_CHECKING:
-    from ._manager import SessionManager
+    from contextlib import AbstractAsyncContextManager
 
 __all__ = ["SessionTaskGroup"]
 
@@ -54,10 +54,17 @@ class SessionTaskGroup:
     scope, one after the other.
     """
 
-    __slots__ = ("_group", "_manager", "_readonly")
+    __slots__ = ("_check_configured", "_group", "_open_scope", "_readonly")
 
-    def __init__(self, manager: SessionManager, readonly: bool = False) -> None:
-        self._manager = manager
+    def __init__(
+        self,
+        open_scope: Callable[..., AbstractAsyncContextManager[Any]],
+        check_configured: Callable[[], object],
+        readonly: bool = False,
+    ) -> None:
+        """:param open_scope: the manager's ``scope``; :param check_configured: raises if unbound."""
+        self._open_scope = open_scope
+        self._check_configured = check_configured
         self._readonly = readonly
         self._group: TaskGroup | None = None
 
@@ -95,7 +102,7 @@ class SessionTaskGroup:
     async def _run_child(
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], label: str
     ) -> None:
-        async with self._manager.scope(independent=True, name=label, readonly=self._readonly):
+        async with self._open_scope(independent=True, name=label, readonly=self._readonly):
             await fn(*args)
 
     async def _start_child(
@@ -106,7 +113,7 @@ class SessionTaskGroup:
         *,
         task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with self._manager.scope(independent=True, name=label, readonly=self._readonly):
+        async with self._open_scope(independent=True, name=label, readonly=self._readonly):
             await fn(*args, task_status=task_status)
 
     def _require_group(self) -> TaskGroup:
@@ -122,7 +129,7 @@ class SessionTaskGroup:
         if self._group is not None:
             raise RuntimeError("a task group can be entered only once; call db.task_group() again")
         # Fail here, in the parent, rather than in every child.
-        self._manager._require_binding()
+        self._check_configured()
         group = anyio.create_task_group()
         await group.__aenter__()
         self._group = group

@@ -26,18 +26,27 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import anyio
 
 from ._errors import CommitOutcomeUnknownError
 from ._retry import RetryPolicy
-from ._scope import _OWN
 
-if TYPE_CHECKING:
-    from ._manager import SessionManager
 
-__all__ = ["run_unit", "transactional"]
+class UnitScope(Protocol):
+    """What :func:`run_unit` needs of a scope: ``async with``, and whether it joined another."""
+
+    @property
+    def joined(self) -> bool: ...
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any: ...
+
+
+#: ``open_scope(name=..., readonly=...)``: the manager's ``scope`` method.
+OpenScope = Callable[..., UnitScope]
+
+__all__ = ["OpenScope", "UnitScope", "run_unit", "transactional"]
 
 logger = logging.getLogger("tasksession")
 
@@ -47,38 +56,48 @@ R = TypeVar("R")
 _JOINED_NOTE = (
     "tasksession: {name!r} ran inside an open scope of the same task, so it joined that "
     "unit and was not retried; only the outermost unit can be re-run (decorate it with "
-    "@db.transactional(retry=...), or call this function outside any scope)."
+    "@{label}.transactional(retry=...), or call this function outside any scope)."
 )
 
 
 def transactional(
-    manager: SessionManager,
+    open_scope: OpenScope,
+    label: str,
     retry: RetryPolicy | None,
     name: str | None,
     readonly: bool,
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Coroutine[Any, Any, R]]]:
-    """Build the decorator :meth:`SessionManager.transactional` returns."""
+    """Build the decorator :meth:`SessionManager.transactional` returns.
+
+    :param open_scope: opens the scope of each call (the manager's ``scope``).
+    :param label: the manager's name in messages (``db`` for ``db = SessionManager()``).
+    """
     if retry is not None and not isinstance(retry, RetryPolicy):
         if callable(retry):
             raise TypeError(
-                f"@{manager._label}.transactional needs parentheses: write "
-                f"@{manager._label}.transactional() or "
-                f"@{manager._label}.transactional(retry=RetryPolicy(...))"
+                f"@{label}.transactional needs parentheses: write "
+                f"@{label}.transactional() or "
+                f"@{label}.transactional(retry=RetryPolicy(...))"
             )
         raise TypeError(f"retry={retry!r} must be a tasksession.RetryPolicy or None")
 
     def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
         if not inspect.iscoroutinefunction(function):
             raise TypeError(
-                f"@{manager._label}.transactional() decorates coroutine functions "
+                f"@{label}.transactional() decorates coroutine functions "
                 f"(async def); {function!r} is not one"
             )
-        label = name if name is not None else function.__qualname__
+        unit_name = name if name is not None else function.__qualname__
 
         @functools.wraps(function)
         async def run(*args: P.args, **kwargs: P.kwargs) -> R:
             return await run_unit(
-                manager, functools.partial(function, *args, **kwargs), retry, label, readonly
+                open_scope,
+                functools.partial(function, *args, **kwargs),
+                retry,
+                unit_name,
+                readonly,
+                label,
             )
 
         return run
@@ -87,13 +106,14 @@ def transactional(
 
 
 async def run_unit(
-    manager: SessionManager,
+    open_scope: OpenScope,
     body: Callable[[], Awaitable[R]],
     policy: RetryPolicy | None,
     name: str,
     readonly: bool = False,
+    label: str = "manager",
 ) -> R:
-    """Run ``body()`` in a scope of ``manager``; re-run it in a new scope per ``policy``.
+    """Run ``body()`` in a scope ``open_scope`` opens; re-run it in a new scope per ``policy``.
 
     :raises CommitOutcomeUnknownError: the connection was lost during COMMIT.
     :raises Exception: the error of the last attempt, with a note saying how many
@@ -102,7 +122,7 @@ async def run_unit(
     attempt = 0
     while True:
         attempt += 1
-        scope = manager.scope(name=name, readonly=readonly)
+        scope = open_scope(name=name, readonly=readonly)
         try:
             async with scope:
                 result = await body()
@@ -118,9 +138,9 @@ async def run_unit(
             raise
         except Exception as error:
             reason = policy.reason(error) if policy is not None else None
-            if scope._kind != _OWN:  # joined the caller's open scope: it owns the transaction
+            if scope.joined:  # joined the caller's open scope: it owns the transaction
                 if reason is not None:
-                    error.add_note(_JOINED_NOTE.format(name=name))
+                    error.add_note(_JOINED_NOTE.format(name=name, label=label))
                 raise
             if reason is None or policy is None:
                 raise
