@@ -106,6 +106,9 @@ nitpick_ignore = [
     # Names private to tasksession that appear in public signatures.
     ("py:class", "tasksession._config.ManagerOptions"),
     ("py:class", "ManagerOptions"),
+    # Scope.outcome's type: Literal["committed", "rolled back", "unknown"], documented there.
+    ("py:class", "Outcome"),
+    ("py:class", "tasksession._outcome.Outcome"),
 ]
 # Type variables in signatures (``Callable[P, Awaitable[R]]``) have no page to link to.
 nitpick_ignore_regex = [("py:class", r"~?([\w.]+\.)?[A-Z]")]
