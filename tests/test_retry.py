@@ -30,6 +30,8 @@ from tasksession import (
 )
 from tasksession._retry import is_disconnect, sqlstate_of
 
+from .helpers import terminate
+
 pytestmark = pytest.mark.anyio
 
 FAST = RetryPolicy(attempts=10, backoff=0.001, max_backoff=0.01)
@@ -80,20 +82,6 @@ async def counter(admin: AsyncEngine, row: int = 1) -> int:
             await conn.scalar(text("SELECT value FROM retry_counters WHERE id = :id"), {"id": row})
             or 0
         )
-
-
-async def terminate(admin: AsyncEngine, pid: int) -> None:
-    """Terminate backend ``pid`` and wait until it is gone."""
-    async with admin.connect() as conn:
-        await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        with anyio.fail_after(10):
-            while True:
-                alive = await conn.scalar(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
-                )
-                if not alive:
-                    return
-                await anyio.sleep(0.01)
 
 
 # -- real failures, retried ------------------------------------------------------------

@@ -8,13 +8,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from sqlalchemy import text
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.web import Application
 
 from tasksession import SessionManager
+
+from .helpers import checked_out as checked_out  # re-exported for the Tornado tests
+from .helpers import count_users as count_users
 
 
 class Server:
@@ -56,27 +58,12 @@ async def serve(app: Application, max_clients: int = 10) -> AsyncIterator[Server
             await server.close_all_connections()
 
 
-def checked_out(manager: SessionManager) -> int:
-    stats = manager.statistics()
-    assert stats.pool_checked_out is not None
-    return stats.pool_checked_out
-
-
 async def wait_until_released(manager: SessionManager, within: float = 10) -> None:
     """Wait (bounded) until no scope is open and no connection is checked out."""
     with anyio.fail_after(within):
         # Bounded polling: the pool offers no event for "checked in".
         while manager.active_scopes() or checked_out(manager):  # noqa: ASYNC110
             await anyio.sleep(0.01)
-
-
-async def count_users(manager: SessionManager, name: str | None = None) -> int:
-    """Count users (named ``name``) from a connection of its own, not a request's session."""
-    async with manager.engine.connect() as conn:
-        if name is None:
-            return int(await conn.scalar(text("SELECT count(*) FROM users")) or 0)
-        query = text("SELECT count(*) FROM users WHERE name = :n")
-        return int(await conn.scalar(query, {"n": name}) or 0)
 
 
 def json_body(response: HTTPResponse) -> Any:

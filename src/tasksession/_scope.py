@@ -202,7 +202,7 @@ class Scope:
     @property
     def ledger(self) -> Ledger:
         """The manager's counters."""
-        return self.home.ledger
+        return self.home  # the home is the manager's ledger
 
     @property
     def open_scopes(self) -> ScopeRegistry:
@@ -258,8 +258,8 @@ class Scope:
         self.session = session
         self.opened = _monotonic()
         self._token = var.set(self)
-        home.open_scopes.untouched[self] = None
-        home.ledger.scopes_entered += 1
+        home.untouched[self] = None
+        home.scopes_entered += 1
         return session  # type: ignore[no-any-return]
 
     async def _enter_inside(self, current: Scope, task: asyncio.Task[Any]) -> AsyncSession:
@@ -298,12 +298,15 @@ class Scope:
         :raises Exception: the commit failed (the unit was rolled back, or its
             outcome is unknown: :class:`CommitOutcomeUnknownError`).
         """
+        # The block's exit with the same arguments (one code path: __aexit__ is on
+        # every unit's path, and a layer between would cost every unit a coroutine).
         if commit:
-            await self._end(True, None)
-        elif isinstance(reason, BaseException):
-            await self._end(False, reason)
-        else:
-            await self._end(False, _RolledBack(reason or "rolled back"))
+            await self.__aexit__(None, None, None)
+            return
+        cause = (
+            reason if isinstance(reason, BaseException) else _RolledBack(reason or "rolled back")
+        )
+        await self.__aexit__(type(cause), cause, cause.__traceback__)
 
     async def __aexit__(
         self,
@@ -311,9 +314,7 @@ class Scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._end(exc_type is None, exc)
-
-    async def _end(self, clean: bool, exc: BaseException | None) -> None:
+        clean = exc_type is None
         if exc is not None:
             # asyncpg's "another operation is in progress" after the server closed
             # the connection reads like session sharing: say what it is.
@@ -344,7 +345,7 @@ class Scope:
             if self._built:
                 home.open_scopes.discard_built(self)
             else:
-                home.open_scopes.untouched.pop(self, None)
+                home.untouched.pop(self, None)
         session = self.session
         session._ts_thread = CLOSED  # the guard refuses the session from now on
         # Unlinking breaks the scope <-> session reference cycle: both are freed
@@ -353,7 +354,7 @@ class Scope:
         # a few percent of a whole unit of work).
         self.session = None
         if not self._built:  # the session was never used: nothing to close
-            self.outcome = COMMITTED if clean and not self.readonly else ROLLED_BACK
+            self.outcome = ROLLED_BACK if not clean or self.readonly else COMMITTED
             return
         await end_unit(self, session, clean, exc)
 
