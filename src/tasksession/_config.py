@@ -12,6 +12,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,13 +220,13 @@ class Binding:
         """Every engine with a pool of its own: primary, replicas, extra pools."""
         return (self.engine, *self.replica_engines, *self.extra_engines)
 
-    def readonly_engine_for(self, wrote_at: float | None) -> AsyncEngine:
-        """The engine of a readonly scope of a task that last committed a write at ``wrote_at``.
+    def readonly_engine_for(self, wrote_at: ContextVar[float]) -> AsyncEngine:
+        """The engine of a readonly scope of a task whose last committed write ``wrote_at`` holds.
 
         A replica, unless that was within :data:`REPLICA_LAG` seconds (read-your-writes).
         """
         replicas = self.replica_readonly_engines
-        if replicas and (wrote_at is None or time.monotonic() - wrote_at >= REPLICA_LAG):
+        if replicas and time.monotonic() - wrote_at.get(-REPLICA_LAG) >= REPLICA_LAG:
             return replicas[next(self.replica_turn) % len(replicas)]
         return self.readonly_engine
 

@@ -132,7 +132,7 @@ class Scope:
             return self._outer.engine
         if self.readonly:
             # A replica, unless this task wrote recently (read-your-writes).
-            return binding.readonly_engine_for(self.home.wrote_at.get(None))
+            return binding.readonly_engine_for(self.home.wrote_at)
         return binding.write_engine
 
     @property
