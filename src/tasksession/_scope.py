@@ -179,7 +179,8 @@ class Scope:
         something to commit (``tasksession.tornado``).
         """
         session = self.session
-        if session is None or not is_materialized(session):
+        # is_materialized() inlined: the Tornado mixin asks on every request.
+        if session is None or "sync_session" not in session.__dict__:
             return False
         sync = session.sync_session
         return bool(
