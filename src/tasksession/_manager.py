@@ -16,10 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from ._compat import current_task, get_running_loop_or_none
 from ._config import Binding, ManagerOptions, create_binding, split_options
 from ._errors import CrossThreadError, NoScopeError, ScopeClosedError
+from ._home import ScopeHome
 from ._interrupt import finish_cancelling, watch_all
 from ._pool import checked_out, size_of
 from ._retry import RetryPolicy
-from ._scope import Scope, ScopeHome
+from ._scope import Scope
 from ._session import session_class_for
 from ._stats import ManagerStatistics, ScopeInfo, scope_info
 from ._task_group import SessionTaskGroup
@@ -55,7 +56,7 @@ class SessionManager:
     """
 
     def __init__(self, url: str | URL | None = None, **options: Any) -> None:
-        # What the scopes share (configuration, ContextVar, counters): see _scope.
+        # What the scopes share (configuration, ContextVar, counters): see _home.
         self._home = home = ScopeHome(assigned_name(sys._getframe(1)), next(_manager_ids))
         self._label = home.label or "manager"  # how messages spell the manager in code
         self._current = home.current

@@ -40,7 +40,7 @@ from ._teardown import end_unit
 if TYPE_CHECKING:
     from ._config import Binding
 
-__all__ = ["Scope", "ScopeHome"]  # ScopeHome: re-exported for the manager
+__all__ = ["Scope"]
 
 _OWN, _JOINED, _SAVEPOINT = 0, 1, 2
 _monotonic = time.monotonic

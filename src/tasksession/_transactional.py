@@ -110,8 +110,8 @@ async def run_unit(
     body: Callable[[], Awaitable[R]],
     policy: RetryPolicy | None,
     name: str,
-    readonly: bool = False,
-    label: str = "manager",
+    readonly: bool,
+    label: str,
 ) -> R:
     """Run ``body()`` in a scope ``open_scope`` opens; re-run it in a new scope per ``policy``.
 
