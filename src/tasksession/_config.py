@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.engine import URL
@@ -29,7 +29,7 @@ from ._sqlite import (
 )
 from ._urls import check_async_url
 
-__all__ = ["Binding", "ManagerOptions", "create_binding", "split_options"]
+__all__ = ["Binding", "ManagerOptions", "binding_like", "create_binding", "split_options"]
 
 #: Options the manager itself understands; everything else goes to create_async_engine.
 _MANAGER_OPTIONS = frozenset(
@@ -210,6 +210,9 @@ class Binding:
 
     #: Whose turn it is among the replicas (round robin).
     replica_turn: Iterator[int] = field(default_factory=itertools.count)
+    #: The ``create_async_engine`` arguments of a configuration from a URL (``None``
+    #: for an application's ``engine=``): another database gets the same settings.
+    engine_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.write_session_kwargs is None:
@@ -299,6 +302,7 @@ def create_binding(
                 session_class=session_class,
                 session_kwargs={"expire_on_commit": options.expire_on_commit},
                 extra_engines=(readonly,),
+                engine_kwargs=engine_kwargs,
             )
         replicas = tuple(_create_engine(r, options, engine_kwargs) for r in replica_urls)
         owns = True
@@ -320,4 +324,14 @@ def create_binding(
         session_class=session_class,
         session_kwargs=session_kwargs,
         write_session_kwargs=write_session_kwargs,
+        engine_kwargs=None if engine is not None else engine_kwargs,
     )
+
+
+def binding_like(previous: Binding, url: str | URL) -> Binding:
+    """A configuration for the database at ``url`` with ``previous``'s settings (no replicas).
+
+    What a test database cloned from a template gets (``SessionManager.bound_to``).
+    """
+    options = replace(previous.options, replicas=())
+    return create_binding(url, None, options, previous.engine_kwargs or {}, previous.session_class)

@@ -6,15 +6,17 @@ import itertools
 import sys
 import threading
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._compat import current_task, get_running_loop_or_none
-from ._config import Binding, ManagerOptions, create_binding, split_options
+from ._config import Binding, ManagerOptions, binding_like, create_binding, split_options
 from ._errors import CrossThreadError, NoScopeError, ScopeClosedError
 from ._home import ScopeHome
 from ._interrupt import finish_cancelling, watch_all
@@ -22,6 +24,7 @@ from ._pool import checked_out, size_of
 from ._retry import RetryPolicy
 from ._scope import Scope
 from ._session import session_class_for
+from ._shared_connection import WAIT_TIMEOUT, connection_binding
 from ._stats import ManagerStatistics, ScopeInfo, scope_info
 from ._task_group import SessionTaskGroup
 from ._tasks import assigned_name, visible_scope
@@ -154,6 +157,56 @@ class SessionManager:
         await finish_cancelling([binding.engine for binding in bindings])
         for binding in bindings:
             await binding.dispose()
+
+    @asynccontextmanager
+    async def bound_to(
+        self,
+        target: AsyncConnection | AsyncEngine | str | URL,
+        *,
+        wait_timeout: float = WAIT_TIMEOUT,
+    ) -> AsyncIterator[tuple[AsyncEngine, ...]]:
+        """Point the scopes opened inside the block at ``target``: the hook under test isolation.
+
+        ``async with db.bound_to(target):`` swaps the configuration for the block, for
+        every task (scopes already open keep theirs), and restores it at the end.
+        :mod:`tasksession.testing` is built on it; use that rather than this.
+
+        :param target: an :class:`~sqlalchemy.ext.asyncio.AsyncConnection` inside a
+            transaction: every scope's session joins that transaction in SAVEPOINTs
+            (``join_transaction_mode="create_savepoint"``), and sessions take turns on
+            the connection, one transaction at a time (a scope opened inside the one
+            using it may go on top; see :doc:`/testing`); readonly scopes and replicas
+            use it too, and ``commit_timeout`` does not apply. Or a database URL: an
+            engine with the current settings (no replicas), disposed at the end. Or
+            an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, used as it is.
+        :param wait_timeout: (a connection) seconds a scope waits for its turn before
+            :class:`SharedConnectionTimeoutError`.
+        :returns: (as the ``as`` target) the engines with a pool of their own that the
+            scopes now use: none for a connection.
+        :raises NotConfiguredError: the manager is not configured.
+        """
+        home = self._home
+        previous = home.require_binding()
+        shared = None
+        if isinstance(target, AsyncConnection):
+            binding, shared = connection_binding(previous, target, wait_timeout)
+        elif isinstance(target, AsyncEngine):
+            binding = create_binding(
+                None, target, replace(previous.options, replicas=()), {}, previous.session_class
+            )
+        else:
+            binding = binding_like(previous, target)
+        watch_all(binding.engines)
+        home.binding = binding
+        try:
+            yield () if shared is not None else binding.engines
+        finally:
+            home.binding = previous
+            if shared is not None:
+                shared.close()
+            if binding.owns_engines:
+                await finish_cancelling([binding.engine])
+                await binding.dispose()
 
     async def __aenter__(self) -> SessionManager:
         return self
