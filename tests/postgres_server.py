@@ -133,6 +133,20 @@ def _unprivileged_user() -> str | None:
     raise RuntimeError("running as root and found no unprivileged user to run PostgreSQL as")
 
 
+#: Where throwaway clusters live when it exists: in memory (tmpfs). A cluster's files
+#: are thrown away with it anyway, and creating and dropping many small files (each
+#: CREATE DATABASE, TRUNCATE, DROP) was slow and grew slower run after run on this
+#: machines' disk (ext4 without a journal: its inode allocator steps over every
+#: recently deleted inode), which made clone-mode test isolation 2-9x slower.
+MEMORY_DIR = Path("/dev/shm")
+
+
+def _cluster_parent() -> str | None:
+    if MEMORY_DIR.is_dir() and os.access(MEMORY_DIR, os.W_OK | os.X_OK):
+        return str(MEMORY_DIR)
+    return None  # the system's temporary directory
+
+
 def start_cluster() -> PostgresServer:
     """Start a throwaway cluster; raises ``FileNotFoundError`` without server binaries."""
     initdb = _find_binary("initdb")
@@ -140,7 +154,7 @@ def start_cluster() -> PostgresServer:
     if initdb is None or pg_ctl is None:
         raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
     user = _unprivileged_user()
-    root = Path(tempfile.mkdtemp(prefix="tasksession-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="tasksession-pg-", dir=_cluster_parent()))
     data_dir = root / "data"
     socket_dir = root / "socket"
     socket_dir.mkdir()

@@ -40,7 +40,7 @@ LEVELS: Mapping[int, Sequence[str]] = {
     8: ("__init__",),
     7: ("_manager",),
     6: ("_scope", "_transactional", "_task_group"),
-    5: ("_home",),
+    5: ("_home", "_rebind"),
     4: ("_teardown", "_session", "_config"),
     3: ("_guard", "_pool", "_sqlite", "_commit", "_savepoint"),
     2: (
@@ -82,7 +82,9 @@ MAX_MODULE_LINES = 380
 #: asked for fewer than 2,338 (the count when it was filed); the exactly-once work then
 #: grew the core to 3,110, and the restructure added the pins table (285) and the
 #: Protocols (3,574 after it). That target is NOT met; this ceiling only stops growth.
-CORE_CODE_LINES_BEFORE = 3600
+#: Issue 15 added the documented hook the testing leaf needs (SessionManager.bound_to,
+#: _rebind: 3,657 after it).
+CORE_CODE_LINES_BEFORE = 3700
 
 
 @dataclass(frozen=True)

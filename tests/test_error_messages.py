@@ -35,7 +35,12 @@ from tasksession import ScopeInfo, TaskSessionError
 
 #: Public modules whose ``__all__`` may export error classes, and whether they may be absent
 #: (a leaf whose framework is not installed).
-PUBLIC_MODULES = {"tasksession": False, "tasksession.tornado": True, "tasksession.workers": False}
+PUBLIC_MODULES = {
+    "tasksession": False,
+    "tasksession.tornado": True,
+    "tasksession.workers": False,
+    "tasksession.testing": False,
+}
 
 #: Sentences that tell the reader what to do, as a fix without a code sample starts.
 INSTRUCTIONS = (
@@ -287,6 +292,27 @@ def samples() -> dict[str, list[Sample]]:
         ],
         "MissingSessionManagerError": [
             Sample(lambda: PUBLIC_BY_NAME["MissingSessionManagerError"]("UserHandler"))
+        ],
+        "StrayEngineError": [
+            Sample(
+                lambda: PUBLIC_BY_NAME["StrayEngineError"](
+                    "NullPool", "tests/test_users.py:12 in test_signup", ["users_db"]
+                ),
+                manager="users_db",
+            ),
+            Sample(lambda: PUBLIC_BY_NAME["StrayEngineError"]("NullPool", "<unknown>")),
+        ],
+        "SharedConnectionTimeoutError": [
+            Sample(
+                lambda: PUBLIC_BY_NAME["SharedConnectionTimeoutError"](
+                    "scope 'waiter' (task 'Task-3', opened at t.py:4 in waiter)",
+                    "scope 'holder' (task 'Task-2', opened at t.py:9 in holder)",
+                    "run a statement",
+                    5.0,
+                    "db",
+                ),
+                manager="db",
+            ),
         ],
     }
 

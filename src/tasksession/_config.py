@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import URL
@@ -29,7 +29,12 @@ from ._sqlite import (
 )
 from ._urls import check_async_url
 
-__all__ = ["Binding", "ManagerOptions", "binding_like", "create_binding", "split_options"]
+__all__ = [
+    "Binding",
+    "ManagerOptions",
+    "create_binding",
+    "split_options",
+]
 
 #: Options the manager itself understands; everything else goes to create_async_engine.
 _MANAGER_OPTIONS = frozenset(
@@ -326,12 +331,3 @@ def create_binding(
         write_session_kwargs=write_session_kwargs,
         engine_kwargs=None if engine is not None else engine_kwargs,
     )
-
-
-def binding_like(previous: Binding, url: str | URL) -> Binding:
-    """A configuration for the database at ``url`` with ``previous``'s settings (no replicas).
-
-    What a test database cloned from a template gets (``SessionManager.bound_to``).
-    """
-    options = replace(previous.options, replicas=())
-    return create_binding(url, None, options, previous.engine_kwargs or {}, previous.session_class)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import exc as orm_exc
 __all__ = [
     "ERRORS_PAGE", "CommitOutcomeUnknownError", "ConcurrentSessionError", "CrossThreadError",
     "DetachedImplicitIOError", "ImplicitIOError", "NoScopeError", "NotConfiguredError",
-    "PoolExhaustedError", "ReadOnlyScopeError", "ScopeClosedError", "SharedConnectionTimeoutError", "StreamClosedError",
+    "PoolExhaustedError", "ReadOnlyScopeError", "ScopeClosedError", "StreamClosedError",
     "TaskSessionError", "UnsupportedBackendError", "UnsupportedDriverError", "manager_label"
 ]  # fmt: skip
 
@@ -345,28 +345,4 @@ class CommitOutcomeUnknownError(TaskSessionError):
             "writes on a unique id:\n\n"
             "    INSERT INTO payments (request_id, ...) VALUES (...)\n"
             "    ON CONFLICT (request_id) DO NOTHING"
-        )
-
-
-class SharedConnectionTimeoutError(TaskSessionError):
-    """A scope waited too long for its turn on a shared connection (savepoint test isolation).
-
-    ``waiter`` and ``holder`` describe the two scopes; ``operation`` is what the waiter
-    was about to do.
-    """
-
-    error_code = "ts-shared-connection"
-
-    def __init__(self, waiter: str, holder: str, operation: str, timeout: float) -> None:
-        self.waiter, self.holder, self.operation, self.timeout = waiter, holder, operation, timeout
-        super().__init__(
-            f"{waiter} waited {timeout:g}s to {operation} on the test's one connection, "
-            f"which {holder} still uses. In savepoint isolation every scope runs in a "
-            "SAVEPOINT of one connection, so scopes take turns: one transaction at a time. "
-            "This test needs two transactions at once (one waits for a row lock, an event "
-            "or a result that the other gives only later). Run it on a database of its own, "
-            "where transactions really run concurrently:\n\n"
-            '    @pytest.mark.tasksession(mode="clone")\n'
-            "    async def test_two_workers(tasksession_db): ...\n\n"
-            'or `async with isolated(db, mode="clone"):` outside pytest.'
         )

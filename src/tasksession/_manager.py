@@ -16,15 +16,20 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._compat import current_task, get_running_loop_or_none
-from ._config import Binding, ManagerOptions, binding_like, create_binding, split_options
+from ._config import (
+    Binding,
+    ManagerOptions,
+    create_binding,
+    split_options,
+)
 from ._errors import CrossThreadError, NoScopeError, ScopeClosedError
 from ._home import ScopeHome
 from ._interrupt import finish_cancelling, watch_all
 from ._pool import checked_out, size_of
+from ._rebind import binding_for
 from ._retry import RetryPolicy
 from ._scope import Scope
 from ._session import session_class_for
-from ._shared_connection import WAIT_TIMEOUT, connection_binding
 from ._stats import ManagerStatistics, ScopeInfo, scope_info
 from ._task_group import SessionTaskGroup
 from ._tasks import assigned_name, visible_scope
@@ -163,7 +168,7 @@ class SessionManager:
         self,
         target: AsyncConnection | AsyncEngine | str | URL,
         *,
-        wait_timeout: float = WAIT_TIMEOUT,
+        session_class: type[AsyncSession] | None = None,
     ) -> AsyncIterator[tuple[AsyncEngine, ...]]:
         """Point the scopes opened inside the block at ``target``: the hook under test isolation.
 
@@ -173,37 +178,34 @@ class SessionManager:
 
         :param target: an :class:`~sqlalchemy.ext.asyncio.AsyncConnection` inside a
             transaction: every scope's session joins that transaction in SAVEPOINTs
-            (``join_transaction_mode="create_savepoint"``), and sessions take turns on
-            the connection, one transaction at a time (a scope opened inside the one
-            using it may go on top; see :doc:`/testing`); readonly scopes and replicas
-            use it too, and ``commit_timeout`` does not apply. Or a database URL: an
-            engine with the current settings (no replicas), disposed at the end. Or
-            an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, used as it is.
-        :param wait_timeout: (a connection) seconds a scope waits for its turn before
-            :class:`SharedConnectionTimeoutError`.
+            (``join_transaction_mode="create_savepoint"``); readonly scopes and replicas
+            use it too, and ``commit_timeout`` does not apply. Savepoints of one
+            connection must nest, never interleave: concurrent scopes need a
+            ``session_class`` that makes them take turns (``tasksession.testing``'s
+            does). Or a database URL: an engine with the current settings (no
+            replicas), disposed at the end. Or an
+            :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, used as it is.
+        :param session_class: an :class:`~sqlalchemy.ext.asyncio.AsyncSession` subclass
+            to use inside the block instead of the configured one (guarded the same way).
         :returns: (as the ``as`` target) the engines with a pool of their own that the
             scopes now use: none for a connection.
         :raises NotConfiguredError: the manager is not configured.
         """
         home = self._home
         previous = home.require_binding()
-        shared = None
-        if isinstance(target, AsyncConnection):
-            binding, shared = connection_binding(previous, target, wait_timeout)
-        elif isinstance(target, AsyncEngine):
-            binding = create_binding(
-                None, target, replace(previous.options, replicas=()), {}, previous.session_class
-            )
-        else:
-            binding = binding_like(previous, target)
+        options = previous.options
+        guarded = previous.session_class
+        if session_class is not None:
+            # Validated as configure(session_class=) is; guarded as the configured one.
+            replace(options, session_class=session_class)
+            guarded = session_class_for(session_class, options.guard)
+        binding = binding_for(previous, target, guarded)
         watch_all(binding.engines)
         home.binding = binding
         try:
-            yield () if shared is not None else binding.engines
+            yield () if isinstance(target, AsyncConnection) else binding.engines
         finally:
             home.binding = previous
-            if shared is not None:
-                shared.close()
             if binding.owns_engines:
                 await finish_cancelling([binding.engine])
                 await binding.dispose()

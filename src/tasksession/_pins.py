@@ -194,9 +194,11 @@ PINS: Final[tuple[Pin, ...]] = (
         parameters=("self",),
     ),
     Pin(
-        "sqlalchemy.pool.base._ConnectionFairy", "_pool", "attribute", _SHORTCUTS,
+        "sqlalchemy.pool.base._ConnectionFairy", "_pool", "attribute",
+        (*_SHORTCUTS, "tasksession.testing._stray"),
         "The pool a connection returns to: a close without I/O needs room in it and "
-        "no reset/checkin listener.",
+        "no reset/checkin listener; the stray-engine guard tells the isolated pools "
+        "from the others by it (a checkout listener gets the connection, not its pool).",
     ),
     # -- SQLAlchemy's asyncpg adapter -------------------------------------------------
     Pin(
@@ -231,9 +233,13 @@ PINS: Final[tuple[Pin, ...]] = (
     ),
     Pin(
         "sys", "_getframe", "function",
-        ("tasksession._guard", "tasksession._manager", "tasksession._scope", "tasksession._tasks"),
+        (
+            "tasksession._guard", "tasksession._manager", "tasksession._scope",
+            "tasksession._tasks", "tasksession.testing._frames",
+        ),
         "Documented, but CPython's: where a scope opens (its name and diagnostics) "
-        "without inspect.stack()'s cost, and the generator frames a scope is private to.",
+        "without inspect.stack()'s cost, and the generator frames a scope is private to; "
+        "where a test's stray query or leaked connection came from.",
         parameters=("depth",),
     ),
     # -- behaviours no documentation promises ---------------------------------------

@@ -21,11 +21,13 @@ from ._isolation import Mode as Mode
 from ._isolation import isolated as isolated
 from ._leaks import assert_no_leaks as assert_no_leaks
 from ._stray import StrayEngineError as StrayEngineError
+from ._turns import SharedConnectionTimeoutError as SharedConnectionTimeoutError
 
 __all__ = [
     "Clone",
     "Mode",
     "SchemaHook",
+    "SharedConnectionTimeoutError",
     "StrayEngineError",
     "assert_no_leaks",
     "create_clone",
@@ -35,6 +37,7 @@ __all__ = [
 
 for _name in (
     "Clone",
+    "SharedConnectionTimeoutError",
     "StrayEngineError",
     "assert_no_leaks",
     "create_clone",

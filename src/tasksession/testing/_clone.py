@@ -25,6 +25,8 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from ._stray import exempt
+
 __all__ = ["Clone", "SchemaHook", "create_clone", "drop_templates"]
 
 #: Builds the schema of the template: ``async def (AsyncConnection)``, or a plain
@@ -64,8 +66,10 @@ def _unique_name(base: str, kind: str) -> str:
 def _maintenance_engine(url: URL) -> AsyncEngine:
     # The server's maintenance database, outside any pool: CREATE/DROP DATABASE
     # cannot run in a transaction, or while connected to the database itself.
-    return create_async_engine(
-        url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    return exempt(
+        create_async_engine(
+            url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+        )
     )
 
 

@@ -9,17 +9,19 @@ from greenlet import getcurrent  # type: ignore[import-untyped]  # ships no type
 
 __all__ = ["application_frame"]
 
-# Frames of these top-level packages are plumbing between the application and the driver.
+# Frames of these top-level packages are plumbing between the application and the
+# driver; so are those of private top-level modules (a test runner's internals).
 _PLUMBING = frozenset(
     {"sqlalchemy", "asyncio", "greenlet", "tasksession", "anyio", "contextlib", "asyncpg",
-     "aiosqlite", "_pytest", "pytest_asyncio", "pluggy", "tornado"}
+     "aiosqlite", "pytest_asyncio", "pluggy", "tornado"}
 )  # fmt: skip
 
 
 def _first_outside(frame: FrameType | None) -> str | None:
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if module.split(".", 1)[0] not in _PLUMBING:
+        top = module.split(".", 1)[0]
+        if top not in _PLUMBING and not top.startswith("_"):
             code = frame.f_code
             return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
         frame = frame.f_back

@@ -33,13 +33,11 @@ from tasksession import SessionManager
 from ._clone import Clone, SchemaHook, create_clone
 from ._leaks import test_connections
 from ._stray import only_these_pools, pools_of
+from ._turns import WAIT_TIMEOUT, SharedConnection, turn_taking_class
 
 __all__ = ["Mode", "isolated"]
 
 Mode = Literal["savepoint", "clone"]
-
-#: Seconds a scope waits for its turn on the test's connection (savepoint mode).
-WAIT_TIMEOUT = 5.0
 
 
 # loop -> {id(pool): a suspended async generator that disposes the engine when the loop ends}
@@ -90,6 +88,11 @@ def _refuse_outer_commit(connection: Connection) -> None:
     )
 
 
+def _label_of(db: SessionManager) -> str | None:
+    """How the user's code names ``db`` (a scope object knows; creating one costs nothing)."""
+    return db.scope().label
+
+
 @asynccontextmanager
 async def isolated(
     db: SessionManager,
@@ -121,7 +124,7 @@ async def isolated(
     :param allow: engines the block may use besides the isolated database (the
         stray-engine guard refuses every other one).
     :param wait_timeout: (savepoint mode) seconds a scope waits for its turn on the
-        connection before :class:`~tasksession.SharedConnectionTimeoutError`.
+        connection before :class:`SharedConnectionTimeoutError`.
     """
     if mode == "savepoint":
         if schema is not None or clone is not None:
@@ -142,11 +145,14 @@ async def _savepoint(db: SessionManager, allowed: Any, wait_timeout: float) -> A
         outer = await connection.begin()
         event.listen(connection.sync_connection, "commit", _refuse_outer_commit)
         test_connections()[db] = connection
+        shared = SharedConnection(connection, wait_timeout)
+        session_class = turn_taking_class(db.options.session_class)
         try:
-            async with db.bound_to(connection, wait_timeout=wait_timeout):
-                with only_these_pools(allowed):
+            async with db.bound_to(connection, session_class=session_class):
+                with only_these_pools(allowed, _label_of(db)):
                     yield
         finally:
+            shared.close()
             test_connections().pop(db, None)
             if not connection.invalidated and outer.is_active:
                 await outer.rollback()
@@ -164,7 +170,7 @@ async def _clone(
         clone = await create_clone(db.engine.url, schema)
     try:
         async with db.bound_to(clone.url) as engines:
-            with only_these_pools(allowed | pools_of(engines)):
+            with only_these_pools(allowed | pools_of(engines), _label_of(db)):
                 yield
     finally:
         if own:

@@ -7,7 +7,7 @@ open, every pool checkout in the process is checked: it must come from a pool
 the block isolated (clone mode: the clone's engines) or one it was told to
 allow (``allow=``). In savepoint mode the test's one connection was checked out
 before the guard started, so *every* checkout fails, the manager's own engine
-included (``db.engine.connect()`` would bypass the test transaction).
+included (``engine.connect()`` on it would bypass the test transaction).
 
 The check is a class-level ``checkout`` listener on SQLAlchemy's ``Pool``,
 installed while at least one block is open and removed after the last.
@@ -15,7 +15,8 @@ installed while at least one block is open and removed after the last.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,38 +28,55 @@ from tasksession import TaskSessionError
 
 from ._frames import application_frame
 
-__all__ = ["StrayEngineError", "only_these_pools"]
+__all__ = ["StrayEngineError", "exempt", "only_these_pools", "pools_of"]
 
-# One entry per open isolated() block: the pools it lets tests check out from.
-_ALLOWED: list[frozenset[Pool]] = []
+# One entry per open isolated() block: the pools it lets tests check out from, and how
+# the user's code names its manager.
+_ALLOWED: list[tuple[frozenset[Pool], str | None]] = []
+# The testing kit's own pools (creating and dropping databases): never stray.
+_OWN: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 class StrayEngineError(TaskSessionError):
-    """Inside an isolated test, a connection was asked of an engine the test did not isolate."""
+    """Inside an isolated test, a connection was asked of an engine the test did not isolate.
+
+    ``managers``: how the user's code names the isolated managers (``db``), when known.
+    """
 
     error_code = "ts-stray-engine"
 
-    def __init__(self, pool: str, where: str) -> None:
-        self.pool, self.where = pool, where
+    def __init__(self, pool: str, where: str, managers: Sequence[str | None] = ()) -> None:
+        self.pool, self.where, self.managers = pool, where, tuple(managers)
+        # The user's name for the manager (``db``); "manager" when unknown or several.
+        m = (self.managers[0] if len(self.managers) == 1 else None) or "manager"
         super().__init__(
             f"A connection was checked out at {where} from a pool the test did not isolate "
-            f"({pool}). Inside `isolated(db)` (the tasksession_db fixture) only the "
+            f"({pool}). Inside `isolated({m})` (the tasksession_db fixture) only the "
             "isolated database may be used: anything else would write to a database that "
-            "outlives the test, and in savepoint mode even db.engine.connect() bypasses "
+            f"outlives the test, and in savepoint mode even {m}.engine.connect() bypasses "
             "the test's transaction. Use the database through the manager's scopes:\n\n"
-            "    async with db.scope() as session:\n"
+            f"    async with {m}.scope() as session:\n"
             "        await session.execute(...)\n\n"
             "or isolate that engine's manager too, or let the test use the engine on "
-            "purpose: `isolated(db, allow=[engine])`."
+            f"purpose: `isolated({m}, allow=[engine])`."
         )
 
 
 def _check_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     pool = proxy._pool  # the pool this checkout is served from (pinned: tasksession._pins)
-    for allowed in _ALLOWED:
+    if pool in _OWN:
+        return
+    for allowed, _label in _ALLOWED:
         if pool in allowed:
             return
-    raise StrayEngineError(pool.status(), application_frame())
+    labels = [label for _pools, label in _ALLOWED]
+    raise StrayEngineError(pool.status(), application_frame(), labels)
+
+
+def exempt(engine: AsyncEngine) -> AsyncEngine:
+    """Let ``engine`` (the testing kit's own) be used inside isolated blocks; return it."""
+    _OWN.add(engine.sync_engine.pool)
+    return engine
 
 
 def pools_of(engines: Iterable[AsyncEngine]) -> frozenset[Pool]:
@@ -67,14 +85,18 @@ def pools_of(engines: Iterable[AsyncEngine]) -> frozenset[Pool]:
 
 
 @contextmanager
-def only_these_pools(allowed: frozenset[Pool]) -> Iterator[None]:
-    """While the block runs, a checkout from any pool outside ``allowed`` (and other blocks') fails."""
+def only_these_pools(allowed: frozenset[Pool], label: str | None) -> Iterator[None]:
+    """While the block runs, a checkout from any pool outside ``allowed`` (and other blocks') fails.
+
+    :param label: the isolated manager's name in the user's code, for the message.
+    """
     if not _ALLOWED:
         event.listen(Pool, "checkout", _check_checkout)
-    _ALLOWED.append(allowed)
+    entry = (allowed, label)
+    _ALLOWED.append(entry)
     try:
         yield
     finally:
-        _ALLOWED.remove(allowed)
+        _ALLOWED.remove(entry)
         if not _ALLOWED:
             event.remove(Pool, "checkout", _check_checkout)

@@ -158,8 +158,15 @@ async def _module_clone(request: pytest.FixtureRequest, db: Any, schema: Any) ->
     return clone
 
 
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    # A module's shared clone is dropped after its last test.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    # A module's shared clone is dropped after its last test, once its fixtures ended.
+    result = yield
+    _drop_module_clone(item, nextitem)
+    return result
+
+
+def _drop_module_clone(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     module = item.getparent(pytest.Module)
     key = module.nodeid if module is not None else ""
     if key not in _MODULE_CLONES:

@@ -1,10 +1,11 @@
 """Many scopes on one connection, in one outer transaction: each in SAVEPOINTs, taking turns.
 
-This is the machinery under savepoint test isolation (``tasksession.testing``),
-exposed through :meth:`SessionManager.bound_to`. Every session a scope builds
-is bound to the one connection with ``join_transaction_mode="create_savepoint"``
-(SQLAlchemy's "join a session into an external transaction" recipe): its
-transaction is a SAVEPOINT, its commit a RELEASE, its rollback a ROLLBACK TO.
+Savepoint isolation binds the manager to the test's connection
+(:meth:`SessionManager.bound_to`): every session a scope builds joins its
+transaction with ``join_transaction_mode="create_savepoint"`` (SQLAlchemy's "join a
+session into an external transaction" recipe), so its transaction is a SAVEPOINT,
+its commit a RELEASE, its rollback a ROLLBACK TO. This module makes the sessions
+take turns on the connection (the session class passed to ``bound_to``).
 
 Savepoints on one connection nest; they cannot interleave. If scope A opens
 ``sa_savepoint_1`` and scope B, in another task, then opens ``sa_savepoint_2``,
@@ -27,10 +28,8 @@ moment one transaction (one innermost savepoint) uses the connection.
 
 from __future__ import annotations
 
-import itertools
 import time
 import weakref
-from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -41,12 +40,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import await_only
 
-from ._commit import CommitWatchdog
-from ._config import Binding
-from ._errors import SharedConnectionTimeoutError
-from ._session import session_class_for
+from tasksession import TaskSessionError
 
-__all__ = ["WAIT_TIMEOUT", "SharedConnection", "connection_binding", "shared_session_class"]
+__all__ = ["WAIT_TIMEOUT", "SharedConnection", "SharedConnectionTimeoutError", "turn_taking_class"]
 
 #: Seconds a scope waits for its turn on the shared connection by default.
 WAIT_TIMEOUT = 5.0
@@ -55,6 +51,35 @@ _BY_CONNECTION: weakref.WeakKeyDictionary[Connection, SharedConnection] = (
     weakref.WeakKeyDictionary()
 )
 _CLASSES: dict[type[AsyncSession], type[AsyncSession]] = {}
+
+
+class SharedConnectionTimeoutError(TaskSessionError):
+    """A scope waited too long for its turn on a shared connection (savepoint test isolation).
+
+    ``waiter`` and ``holder`` describe the two scopes; ``operation`` is what the waiter
+    was about to do; ``manager``: how the user's code names the manager.
+    """
+
+    error_code = "ts-shared-connection"
+
+    def __init__(
+        self, waiter: str, holder: str, operation: str, timeout: float, manager: str | None = None
+    ) -> None:
+        self.waiter, self.holder, self.operation, self.timeout = waiter, holder, operation, timeout
+        self.manager = manager
+        m = manager or "manager"
+        super().__init__(
+            f"{waiter} waited {timeout:g}s to {operation} on the test's one connection, "
+            f"which {holder} still uses. In savepoint isolation every scope runs in a "
+            "SAVEPOINT of one connection, so scopes take turns: one transaction at a time. "
+            "This test needs two transactions at once (one waits for a row lock, an event "
+            "or a result that the other gives only later). Run it on a database of its own, "
+            "where transactions really run concurrently:\n\n"
+            '    @pytest.mark.tasksession(mode="clone")\n'
+            "    async def test_two_workers(tasksession_db): ...\n\n"
+            f"or, outside pytest, `async with isolated({m}, mode='clone'):`, inside which "
+            f"{m}.scope() units run concurrently."
+        )
 
 
 def _scope_of(sync: Session) -> Any:
@@ -88,7 +113,7 @@ class SharedConnection:
     def __init__(self, connection: AsyncConnection, wait_timeout: float = WAIT_TIMEOUT) -> None:
         if not connection.in_transaction():
             raise ValueError(
-                "bound_to(connection) needs a connection inside a transaction: "
+                "the test's connection must be inside a transaction: "
                 "`connection = await engine.connect(); await connection.begin()`"
             )
         if not wait_timeout > 0:
@@ -147,8 +172,13 @@ class SharedConnection:
                 continue
             if not self._may_run(session):
                 holder = self.holders[-1]
+                scope = _scope_of(session)
                 raise SharedConnectionTimeoutError(
-                    _describe(session), _describe(holder), operation, self.wait_timeout
+                    _describe(session),
+                    _describe(holder),
+                    operation,
+                    self.wait_timeout,
+                    None if scope is None else scope.label,
                 )
 
 
@@ -159,7 +189,7 @@ def _shared_of(session: AsyncSession) -> SharedConnection | None:
     return _BY_CONNECTION.get(bind)
 
 
-def shared_session_class(base: type[AsyncSession]) -> type[AsyncSession]:
+def turn_taking_class(base: type[AsyncSession]) -> type[AsyncSession]:
     """A subclass of ``base`` whose sessions take turns on their :class:`SharedConnection`."""
     cls = _CLASSES.get(base)
     if cls is not None:
@@ -228,34 +258,3 @@ def shared_session_class(base: type[AsyncSession]) -> type[AsyncSession]:
     )
     _CLASSES[base] = cls
     return cls
-
-
-def connection_binding(
-    previous: Binding, connection: AsyncConnection, wait_timeout: float
-) -> tuple[Binding, SharedConnection]:
-    """``previous``'s configuration, with every session joining ``connection``'s transaction.
-
-    Readonly scopes and replicas use the connection too (it is the test's whole
-    database); ``commit_timeout`` is off, because a COMMIT here is a RELEASE that
-    may first wait for its turn (bounded by ``wait_timeout`` instead).
-    """
-    shared = SharedConnection(connection, wait_timeout)
-    options = previous.options
-    join = {"join_transaction_mode": "create_savepoint"}
-    bind: Any = connection  # sessions accept a connection wherever they take an engine
-    binding = replace(
-        previous,
-        write_engine=bind,
-        readonly_engine=bind,
-        replica_engines=(),
-        replica_readonly_engines=(),
-        extra_engines=(),
-        owns_engines=False,
-        options=replace(options, commit_timeout=None, replicas=()),
-        session_class=session_class_for(shared_session_class(options.session_class), options.guard),
-        session_kwargs={**previous.session_kwargs, **join},
-        write_session_kwargs={**previous.write_session_kwargs, **join},
-        commit_watchdog=CommitWatchdog(),
-        replica_turn=itertools.count(),
-    )
-    return binding, shared
