@@ -3,6 +3,12 @@
 Each test ends with the same check: every job is ``done`` and has exactly one
 outcome row (the outcome table has no unique constraint, so a job completed
 twice would show as two rows).
+
+Each test gets a database of its own through tasksession's pytest plugin, in clone
+mode (``tasksession_db``): the workers need real concurrency (``SKIP LOCKED``
+between transactions, backends terminated mid-job, worker processes of their own
+that connect to the clone), which one rolled-back transaction cannot give. The
+clone is made from a template built once from the queue's schema.
 """
 
 # Assertions read `expected == actual`, as in the test suite (STYLE.md).
@@ -15,7 +21,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -25,11 +31,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.pool import NullPool
 
 from tasksession import RetryPolicy, SessionManager
+from tasksession.testing import allow
 from tasksession.workers import run_worker
 
-from .jobs import Handler, Job, create_schema, enqueue, job_step, process
+from .jobs import Base, Handler, Job, enqueue, job_step, process
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.tasksession(mode="clone")]
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_APP = "job-queue-test"
@@ -37,7 +44,8 @@ QUICK = RetryPolicy(attempts=5, backoff=0.005, max_backoff=0.05)
 
 
 @pytest.fixture
-async def db(postgres_server: object) -> AsyncIterator[SessionManager]:
+async def tasksession_manager(postgres_server: object) -> AsyncIterator[SessionManager]:
+    """The queue's manager, for the plugin to run on a clone of the template in each test."""
     url = postgres_server.url  # type: ignore[attr-defined]
     manager = SessionManager(
         url,
@@ -45,17 +53,30 @@ async def db(postgres_server: object) -> AsyncIterator[SessionManager]:
         max_overflow=0,
         connect_args={"server_settings": {"application_name": TEST_APP}},
     )
-    await create_schema(manager.engine)
     try:
         yield manager
-        assert 0 == manager.statistics().pool_checked_out
     finally:
         await manager.dispose()
 
 
 @pytest.fixture
+def tasksession_schema() -> Callable[..., None]:
+    """What the template database is built with, once per run."""
+    return Base.metadata.create_all
+
+
+@pytest.fixture
+def db(tasksession_db: SessionManager) -> SessionManager:
+    """The manager, on this test's own database (the plugin checks for leaks at the end)."""
+    return tasksession_db
+
+
+@pytest.fixture
 async def admin(db: SessionManager) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(db.engine.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    # On the test's clone (db.engine.url), used on purpose: allowed past the guard.
+    engine = allow(
+        create_async_engine(db.engine.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    )
     try:
         yield engine
     finally:

@@ -21,6 +21,7 @@ from ._isolation import Mode as Mode
 from ._isolation import isolated as isolated
 from ._leaks import assert_no_leaks as assert_no_leaks
 from ._stray import StrayEngineError as StrayEngineError
+from ._stray import allow as allow
 from ._turns import SharedConnectionTimeoutError as SharedConnectionTimeoutError
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "SchemaHook",
     "SharedConnectionTimeoutError",
     "StrayEngineError",
+    "allow",
     "assert_no_leaks",
     "create_clone",
     "drop_templates",
@@ -39,6 +41,7 @@ for _name in (
     "Clone",
     "SharedConnectionTimeoutError",
     "StrayEngineError",
+    "allow",
     "assert_no_leaks",
     "create_clone",
     "drop_templates",

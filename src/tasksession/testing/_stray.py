@@ -28,11 +28,11 @@ from tasksession import TaskSessionError
 
 from ._frames import application_frame
 
-__all__ = ["StrayEngineError", "exempt", "only_these_pools", "pools_of"]
+__all__ = ["StrayEngineError", "allow", "exempt", "only_these_pools", "pools_of"]
 
 # One entry per open isolated() block: the pools it lets tests check out from, and how
 # the user's code names its manager.
-_ALLOWED: list[tuple[frozenset[Pool], str | None]] = []
+_ALLOWED: list[tuple[set[Pool], str | None]] = []
 # The testing kit's own pools (creating and dropping databases): never stray.
 _OWN: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -79,6 +79,24 @@ def exempt(engine: AsyncEngine) -> AsyncEngine:
     return engine
 
 
+def allow(engine: AsyncEngine) -> AsyncEngine:
+    """Let the open isolated blocks use ``engine`` too; return it.
+
+    For an engine a test creates on purpose inside the block, such as an AUTOCOMMIT
+    engine on the clone (``db.engine.url``) to look at ``pg_stat_activity``::
+
+        admin = allow(create_async_engine(db.engine.url, poolclass=NullPool))
+
+    :raises RuntimeError: no isolated block is open.
+    """
+    if not _ALLOWED:
+        raise RuntimeError("allow(engine) is for use inside an isolated() block (tasksession_db)")
+    pool = engine.sync_engine.pool
+    for pools, _label in _ALLOWED:
+        pools.add(pool)
+    return engine
+
+
 def pools_of(engines: Iterable[AsyncEngine]) -> frozenset[Pool]:
     """The pools behind ``engines``."""
     return frozenset(engine.sync_engine.pool for engine in engines)
@@ -92,7 +110,7 @@ def only_these_pools(allowed: frozenset[Pool], label: str | None) -> Iterator[No
     """
     if not _ALLOWED:
         event.listen(Pool, "checkout", _check_checkout)
-    entry = (allowed, label)
+    entry = (set(allowed), label)
     _ALLOWED.append(entry)
     try:
         yield

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -106,8 +107,12 @@ def _asyncio_loop_scope(request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture
-def tasksession_db(request: pytest.FixtureRequest) -> Any:
+def tasksession_db(
+    request: pytest.FixtureRequest, tasksession_manager: Any, tasksession_schema: Any
+) -> Any:
     """The application's manager, isolated for this test and checked for leaks at its end."""
+    # The two fixtures are asked for here, statically, so that a parametrized
+    # tasksession_manager parametrizes the tests; the async variants reuse them.
     if "anyio_backend" in request.fixturenames:
         return request.getfixturevalue("_tasksession_db_anyio")
     loop_scope = _asyncio_loop_scope(request)
@@ -139,6 +144,7 @@ async def _isolated_manager(request: pytest.FixtureRequest) -> AsyncIterator[Any
     if "wait_timeout" in options:
         kwargs["wait_timeout"] = options["wait_timeout"]
     if mode == "clone":
+        _drop_templates_at_the_end(request.session)
         kwargs.pop("wait_timeout", None)
         kwargs["schema"] = request.getfixturevalue("tasksession_schema")
         if options.get("clone_per", "test") == "module":
@@ -155,36 +161,40 @@ async def _module_clone(request: pytest.FixtureRequest, db: Any, schema: Any) ->
     clone = _MODULE_CLONES.get(key)
     if clone is None:
         clone = _MODULE_CLONES[key] = await create_clone(db.engine.url, schema)
+        node = module if module is not None else request.session
+        # Dropped when the module's tests are done (before any session fixture ends,
+        # such as a PostgreSQL server the tests started).
+        node.addfinalizer(lambda: _drop_now(_MODULE_CLONES.pop(key).drop()))
     return clone
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-    # A module's shared clone is dropped after its last test, once its fixtures ended.
-    result = yield
-    _drop_module_clone(item, nextitem)
-    return result
+def _drop_now(drop: Any) -> None:
+    # Finalizers run between tests: no event loop is running in this thread.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        asyncio.run(drop)
+    except (OSError, SQLAlchemyError) as error:  # the server is gone, its databases with it
+        print(f"tasksession.testing: could not drop a test database: {error!r}", file=sys.stderr)
 
 
-def _drop_module_clone(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    module = item.getparent(pytest.Module)
-    key = module.nodeid if module is not None else ""
-    if key not in _MODULE_CLONES:
-        return
-    next_module = nextitem.getparent(pytest.Module) if nextitem is not None else None
-    if next_module is None or next_module.nodeid != key:
-        clone = _MODULE_CLONES.pop(key)
-        asyncio.run(clone.drop())  # between tests: no event loop is running
+def _drop_templates_at_the_end(session: pytest.Session) -> None:
+    """Drop the clone templates when the session's fixtures end, before those it relies on."""
+    from ._clone import drop_templates
+
+    if not getattr(session, "_tasksession_templates", False):
+        session._tasksession_templates = True  # type: ignore[attr-defined]
+        # A finalizer registered now runs before the session fixtures set up earlier
+        # (the server the templates live on) are torn down.
+        session.addfinalizer(lambda: _drop_now(drop_templates()))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Templates built outside the fixture (isolated() called by a test itself).
     from ._clone import drop_templates, template_count
 
-    for clone in _MODULE_CLONES.values():
-        asyncio.run(clone.drop())
-    _MODULE_CLONES.clear()
     if template_count():
-        asyncio.run(drop_templates())
+        _drop_now(drop_templates())
 
 
 @pytest.fixture
