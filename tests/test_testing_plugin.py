@@ -22,6 +22,7 @@ The outer tests are synchronous: the inner runs start their own event loops.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import textwrap
 from typing import Any
@@ -54,6 +55,7 @@ ENV_URL = "TASKSESSION_INNER_URL"
 
 CONFTEST = """
 import asyncio
+import gc
 import os
 
 import pytest
@@ -290,6 +292,8 @@ def _project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, url: st
 
 
 def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    gc.collect()  # what earlier tests left for the collector is theirs, not the inner run's
+    # The inner run's faulthandler plugin would switch off the outer run's on its way out.
     return pytester.runpytest(
         "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:faulthandler", *args
     )
@@ -347,10 +351,17 @@ async def test_leaks_a_scope(tasksession_db):
     await scope.__aenter__()
 
 
+@pytest.fixture
+async def kept():
+    connections = []
+    yield connections
+    for connection in connections:  # after the plugin's check (this was set up first)
+        await connection.close()
+
+
 @pytest.mark.tasksession(mode="clone")
-async def test_leaks_a_connection(tasksession_db):
-    global KEPT
-    KEPT = await tasksession_db.engine.connect()
+async def test_leaks_a_connection(kept, tasksession_db):
+    kept.append(await tasksession_db.engine.connect())
 
 
 async def test_queries_a_stray_engine(tasksession_db):
@@ -373,7 +384,7 @@ def test_leaks_and_stray_engines_fail_the_test_naming_them(
 ) -> None:
     _project(pytester, monkeypatch, inner_url)
     pytester.makepyfile(test_leaks=LEAKS)
-    result = _run(pytester, "-W", "ignore::ResourceWarning")
+    result = _run(pytester)
     # The leaks fail in teardown (errors); the stray queries fail the tests themselves.
     result.assert_outcomes(passed=2, failed=2, errors=2)
     output = result.stdout.str()
@@ -383,10 +394,10 @@ def test_leaks_and_stray_engines_fail_the_test_naming_them(
     assert "test_leaks.py:13 in test_leaks_a_scope" in output
     assert "ERROR at teardown of test_leaks_a_connection" in output
     assert "checked out at " in output
-    assert "test_leaks.py:19 in test_leaks_a_connection" in output
+    assert "test_leaks.py:26 in test_leaks_a_connection" in output
     assert output.count("StrayEngineError: A connection was checked out at") == 2
-    assert "test_leaks.py:25 in test_queries_a_stray_engine" in output
-    assert "test_leaks.py:32 in test_bypasses_the_test_transaction" in output
+    assert "test_leaks.py:32 in test_queries_a_stray_engine" in output
+    assert "test_leaks.py:39 in test_bypasses_the_test_transaction" in output
 
 
 ROW_LOCK = """

@@ -12,12 +12,13 @@ says more):
 ======  =========================================================================
 level   modules
 ======  =========================================================================
-leaf    ``tornado``, ``workers``: framework glue on this public root only
+leaf    ``tornado``, ``workers``, ``testing``: framework glue on this public root only
 8       ``__init__``: re-exports
 7       ``_manager``: ``SessionManager``, composing everything below
 6       ``_scope`` (entering, the ContextVar, exit dispatch), ``_transactional``,
         ``_task_group``
-5       ``_home``: what a manager's scopes share
+5       ``_home`` (what a manager's scopes share), ``_rebind`` (another database
+        for a while: test isolation's hook)
 4       ``_teardown`` (how a unit ends), ``_session`` (guarded lazy sessions),
         ``_config`` (options, engines, routing)
 3       ``_guard``, ``_commit``, ``_savepoint``, ``_pool``, ``_sqlite``

@@ -79,13 +79,20 @@ class _OuterTransactionCommitted(AssertionError):
 
 def _refuse_outer_commit(connection: Connection) -> None:
     # Fires for the outer transaction only (a session's commit is a RELEASE here).
-    raise _OuterTransactionCommitted(
-        "tasksession.testing: code under test committed the test's outer transaction "
-        "(connection.commit() on the connection of a session, or a COMMIT statement): "
-        "in savepoint isolation everything runs in SAVEPOINTs of one transaction that "
-        "the test rolls back. Commit through the session (session.commit() is a RELEASE "
-        "SAVEPOINT here), or run this test in clone mode: isolated(db, mode='clone')."
-    )
+    # SQLAlchemy ends the transaction even so: the isolated block reports it again
+    # when it ends, above whatever failed after it.
+    connection.info[_COMMITTED] = True
+    raise _OuterTransactionCommitted(_OUTER_COMMIT)
+
+
+_COMMITTED = "tasksession.testing.outer_commit"
+_OUTER_COMMIT = (
+    "tasksession.testing: code under test committed the test's outer transaction "
+    "(connection.commit() on the connection of a session, or a COMMIT statement): "
+    "in savepoint isolation everything runs in SAVEPOINTs of one transaction that "
+    "the test rolls back. Commit through the session (session.commit() is a RELEASE "
+    "SAVEPOINT here), or run this test in clone mode: isolated(db, mode='clone')."
+)
 
 
 def _label_of(db: SessionManager) -> str | None:
@@ -147,14 +154,28 @@ async def _savepoint(db: SessionManager, allowed: Any, wait_timeout: float) -> A
         test_connections()[db] = connection
         shared = SharedConnection(connection, wait_timeout)
         session_class = turn_taking_class(db.options.session_class)
+        committed = False
         try:
             async with db.bound_to(connection, session_class=session_class):
                 with only_these_pools(allowed, _label_of(db)):
                     yield
+        except BaseException as error:
+            committed = connection.info.pop(_COMMITTED, False)
+            if committed and not isinstance(error, _OuterTransactionCommitted):
+                raise _OuterTransactionCommitted(_OUTER_COMMIT) from error
+            raise
+        else:
+            committed = connection.info.pop(_COMMITTED, False)
+            if committed:  # refused, and the refusal swallowed by the code under test
+                raise _OuterTransactionCommitted(_OUTER_COMMIT)
         finally:
             shared.close()
             test_connections().pop(db, None)
-            if not connection.invalidated and outer.is_active:
+            if committed:
+                # SQLAlchemy ended the transaction it was refused to commit; the server
+                # may still hold it: the connection must not serve anyone again.
+                await connection.invalidate()
+            elif not connection.invalidated and outer.is_active:
                 await outer.rollback()
     finally:
         await connection.close()
