@@ -577,29 +577,37 @@ def test_pytest_asyncio_hand_off_between_tasks(
     assert 0 == rows_left(inner_url)
 
 
-def test_usage_errors_say_what_to_do(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_usage_errors_say_what_to_do(pytester: pytest.Pytester) -> None:
     pytester.makeini(PYTEST_INI)
     pytester.makepyfile(
         test_usage=textwrap.dedent(
             """
             import pytest
 
-            @pytest.mark.anyio
-            async def test_without_a_manager(tasksession_db):
-                pass
-
-            def test_sync(tasksession_db):
-                pass
-
             @pytest.fixture
             def anyio_backend():
                 return "asyncio"
+
+            @pytest.mark.anyio
+            async def test_without_a_manager(tasksession_db):
+                pass
             """
         )
     )
-    result = _run(pytester)
-    output = result.stdout.str()
-    assert "define a fixture named tasksession_manager" in output
-    assert "mark it @pytest.mark.anyio" in output
+    assert "define a fixture named tasksession_manager" in _run(pytester).stdout.str()
+    pytester.makepyfile(
+        test_usage=textwrap.dedent(
+            """
+            import pytest
+            from tasksession import SessionManager
+
+            @pytest.fixture
+            def tasksession_manager():
+                return SessionManager("sqlite+aiosqlite://")
+
+            def test_sync(tasksession_db):
+                pass
+            """
+        )
+    )
+    assert "mark it @pytest.mark.anyio" in _run(pytester).stdout.str()
