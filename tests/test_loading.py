@@ -2,13 +2,17 @@
 
 Each trigger is shown on PostgreSQL (asyncpg) and SQLite (aiosqlite) alike: the
 error class, the attribute it names, a fix it gives, and that no query was sent.
+
+The library (an author and two books) is created once per database; every test runs
+isolated by tasksession's own pytest plugin (``tasksession_db``, savepoint mode), so
+whatever a test changes is rolled back before the next.
 """
 
 from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -27,6 +31,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from tasksession import ImplicitIOError, SessionManager
+from tasksession.testing import isolated
 
 pytestmark = pytest.mark.anyio
 
@@ -64,9 +69,16 @@ class Stamped(LoadingBase):
     updated_at: Mapped[datetime | None] = mapped_column(DateTime, onupdate=func.now())
 
 
-@pytest.fixture
-async def library(db: SessionManager) -> SessionManager:
-    """``db`` with one author (id 1) who wrote two books (ids 1, 2)."""
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+async def tasksession_manager(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[SessionManager]:
+    """A manager whose database holds one author (id 1) who wrote two books (ids 1, 2)."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('loading')}/loading.db"
+    else:
+        url = str(request.getfixturevalue("postgres_url"))
+    db = SessionManager(url)
     async with db.engine.begin() as conn:
         await conn.run_sync(LoadingBase.metadata.drop_all)
         await conn.run_sync(LoadingBase.metadata.create_all)
@@ -80,18 +92,38 @@ async def library(db: SessionManager) -> SessionManager:
             )
         )
         session.add(Stamped(id=1, name="first"))
-    return db
+    try:
+        yield db
+    finally:
+        await db.dispose()
 
 
 @pytest.fixture
-def statements(db: SessionManager) -> Iterator[list[str]]:
+def library(tasksession_db: SessionManager) -> SessionManager:
+    """The manager on the library, isolated for the test."""
+    return tasksession_db
+
+
+@pytest.fixture
+async def expiring(library: SessionManager) -> AsyncIterator[SessionManager]:
+    """A second manager on the library with ``expire_on_commit=True``, isolated too."""
+    db = SessionManager(library.engine.url, expire_on_commit=True)
+    try:
+        async with isolated(db):
+            yield db
+    finally:
+        await db.dispose()
+
+
+@pytest.fixture
+def statements(library: SessionManager) -> Iterator[list[str]]:
     """The SQL statements sent to the database while the test runs."""
     sent: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         sent.append(statement)
 
-    engine = db.engine.sync_engine
+    engine = library.engine.sync_engine
     event.listen(engine, "before_cursor_execute", record)
     yield sent
     event.remove(engine, "before_cursor_execute", record)
@@ -158,10 +190,7 @@ async def test_column_deferred_by_query_option_raises(library: SessionManager) -
     assert_names(caught.value, "Author", "name", "undefer(Author.name)")
 
 
-async def test_attribute_expired_by_commit_raises(
-    library: SessionManager, make_manager: Any
-) -> None:
-    expiring = make_manager(expire_on_commit=True)
+async def test_attribute_expired_by_commit_raises(expiring: SessionManager) -> None:
     async with expiring.scope() as session:
         author = await session.get(Author, 1)
         assert author is not None
@@ -251,9 +280,8 @@ async def test_session_works_normally_after_the_error(library: SessionManager) -
 
 
 async def test_no_warning_escapes_from_any_trigger(
-    library: SessionManager, make_manager: Any
+    library: SessionManager, expiring: SessionManager
 ) -> None:
-    expiring = make_manager(expire_on_commit=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         async with library.scope() as session:

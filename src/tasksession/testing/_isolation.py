@@ -32,7 +32,7 @@ from tasksession import SessionManager
 
 from ._clone import Clone, SchemaHook, create_clone
 from ._leaks import test_connections
-from ._stray import only_these_pools, pools_of
+from ._stray import only_these_pools, own_checkouts, pools_of
 from ._turns import WAIT_TIMEOUT, SharedConnection, turn_taking_class
 
 __all__ = ["Mode", "isolated"]
@@ -147,7 +147,8 @@ async def isolated(
 
 @asynccontextmanager
 async def _savepoint(db: SessionManager, allowed: Any, wait_timeout: float) -> AsyncIterator[None]:
-    connection = await db.engine.connect()
+    with own_checkouts(db.engine):  # another isolated block may be open (a second manager)
+        connection = await db.engine.connect()
     try:
         outer = await connection.begin()
         event.listen(connection.sync_connection, "commit", _refuse_outer_commit)

@@ -28,7 +28,14 @@ from tasksession import TaskSessionError
 
 from ._frames import application_frame
 
-__all__ = ["StrayEngineError", "allow", "exempt", "only_these_pools", "pools_of"]
+__all__ = [
+    "StrayEngineError",
+    "allow",
+    "exempt",
+    "only_these_pools",
+    "own_checkouts",
+    "pools_of",
+]
 
 # One entry per open isolated() block: the pools it lets tests check out from, and how
 # the user's code names its manager.
@@ -77,6 +84,20 @@ def exempt(engine: AsyncEngine) -> AsyncEngine:
     """Let ``engine`` (the testing kit's own) be used inside isolated blocks; return it."""
     _OWN.add(engine.sync_engine.pool)
     return engine
+
+
+@contextmanager
+def own_checkouts(engine: AsyncEngine) -> Iterator[None]:
+    """Let the testing kit check out of ``engine``'s pool during the block (isolating it)."""
+    pool = engine.sync_engine.pool
+    if pool in _OWN:
+        yield
+        return
+    _OWN.add(pool)
+    try:
+        yield
+    finally:
+        _OWN.discard(pool)
 
 
 def allow(engine: AsyncEngine) -> AsyncEngine:
