@@ -136,7 +136,12 @@ async def compare(db: SessionManager, args: Args) -> None:
         version = await connection.scalar(text("SHOW server_version"))
         settings = {
             name: await connection.scalar(text(f"SHOW {name}"))
-            for name in ("fsync", "synchronous_commit", "full_page_writes", "shared_buffers")
+            for name in (
+                "fsync",
+                "synchronous_commit",
+                "full_page_writes",
+                "shared_buffers",
+            )
         }
         size = await connection.scalar(text("SELECT pg_database_size(current_database())"))
 
@@ -280,7 +285,10 @@ async def compare(db: SessionManager, args: Args) -> None:
     print(
         f"  note: {args.rounds} rounds, {number} tests, {measured:.1f} s; "
         + ", ".join(f"{key}={value}" for key, value in settings.items())
-        + " (anchors-wave2.md §1.9 was measured with fsync=on)"
+        + " (anchors-wave2.md §1.9 was measured with fsync=on, on disk; the tests' throwaway"
+        " clusters live in /dev/shm where there is one: on this machines' disk, ext4 without a"
+        " journal, CREATE DATABASE and TRUNCATE grew 2-9x slower as files were created and"
+        " deleted, run after run)"
     )
     print(
         f"  note: database {size / 1e6:.1f} MB, clone {clone_size / 1e6:.1f} MB; the first "

@@ -135,6 +135,10 @@ class SharedConnection:
 
     def _may_run(self, session: Session) -> bool:
         holders = self.holders
+        # A holder with no transaction asked for its bind and never began (its
+        # transaction would have given the connection back when it ended).
+        while holders and holders[-1] is not session and not holders[-1].in_transaction():
+            holders.pop()
         if not holders or holders[-1] is session:
             return True
         return session not in holders and _encloses(holders[-1], session)
