@@ -22,11 +22,13 @@ from ._isolation import isolated as isolated
 from ._leaks import assert_no_leaks as assert_no_leaks
 from ._stray import StrayEngineError as StrayEngineError
 from ._stray import allow as allow
+from ._turns import SavepointIsolationWarning as SavepointIsolationWarning
 from ._turns import SharedConnectionTimeoutError as SharedConnectionTimeoutError
 
 __all__ = [
     "Clone",
     "Mode",
+    "SavepointIsolationWarning",
     "SchemaHook",
     "SharedConnectionTimeoutError",
     "StrayEngineError",
@@ -39,6 +41,7 @@ __all__ = [
 
 for _name in (
     "Clone",
+    "SavepointIsolationWarning",
     "SharedConnectionTimeoutError",
     "StrayEngineError",
     "allow",

@@ -29,6 +29,7 @@ moment one transaction (one innermost savepoint) uses the connection.
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from typing import Any
 
@@ -42,7 +43,13 @@ from sqlalchemy.util import await_only
 
 from tasksession import TaskSessionError
 
-__all__ = ["WAIT_TIMEOUT", "SharedConnection", "SharedConnectionTimeoutError", "turn_taking_class"]
+__all__ = [
+    "WAIT_TIMEOUT",
+    "SavepointIsolationWarning",
+    "SharedConnection",
+    "SharedConnectionTimeoutError",
+    "turn_taking_class",
+]
 
 #: Seconds a scope waits for its turn on the shared connection by default.
 WAIT_TIMEOUT = 5.0
@@ -80,6 +87,16 @@ class SharedConnectionTimeoutError(TaskSessionError):
             f"or, outside pytest, `async with isolated({m}, mode='clone'):`, inside which "
             f"{m}.scope() units run concurrently."
         )
+
+
+class SavepointIsolationWarning(UserWarning):
+    """Savepoint isolation undid a commit that would stand in production.
+
+    A scope opened inside another one (an ``independent=True`` scope, a
+    ``task_group()`` child) runs in a SAVEPOINT nested in the enclosing scope's
+    under savepoint isolation; when the enclosing scope then rolls back, the
+    nested scope's commit goes with it. The test sees less than production would.
+    """
 
 
 def _scope_of(sync: Session) -> Any:
@@ -122,6 +139,9 @@ class SharedConnection:
         self.wait_timeout = wait_timeout
         #: The sessions whose transactions use the connection, outermost first.
         self.holders: list[Session] = []
+        # holder -> scopes that committed in SAVEPOINTs nested in its transaction
+        self._committed_inside: dict[Session, list[str]] = {}
+        self._committed: set[Session] = set()  # holders whose transaction committed
         self._changed = anyio.Event()
         _BY_CONNECTION[connection.sync_connection] = self  # type: ignore[index]
 
@@ -158,12 +178,38 @@ class SharedConnection:
         if session in self.holders and self.holders[-1] is not session:
             await self._wait_turn(session, operation)
 
+    def committed(self, session: Session) -> None:
+        """``session``'s transaction committed (a RELEASE): it now lives in the one below."""
+        holders = self.holders
+        self._committed.add(session)
+        if session not in holders:
+            return
+        index = holders.index(session)
+        inside = self._committed_inside.pop(session, [])
+        if index > 0:
+            self._committed_inside.setdefault(holders[index - 1], []).extend(
+                [_describe(session), *inside]
+            )
+
     def give_back(self, session: Session) -> None:
         """``session``'s transaction ended: the next session may take the connection."""
         try:
             self.holders.remove(session)
         except ValueError:
             return
+        inside = self._committed_inside.pop(session, None)
+        if session in self._committed:
+            self._committed.discard(session)
+        elif inside:
+            warnings.warn(
+                f"{_describe(session)} rolled back, and with it what {'; '.join(inside)} "
+                "committed inside it. In production each of those commits stands on its "
+                "own; under savepoint isolation they ran in SAVEPOINTs nested in this "
+                "scope's and are undone with it. If the test relies on them, run it in "
+                'clone mode: @pytest.mark.tasksession(mode="clone").',
+                SavepointIsolationWarning,
+                stacklevel=2,
+            )
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 
@@ -226,6 +272,7 @@ def turn_taking_class(base: type[AsyncSession]) -> type[AsyncSession]:
                 shared.give_back(session)
 
         event.listen(sync, "after_transaction_end", after_transaction_end)
+        event.listen(sync, "after_commit", shared.committed)
 
     async def _before_end(self: AsyncSession, operation: str) -> None:
         shared = _shared_of(self)
