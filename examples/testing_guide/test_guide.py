@@ -67,8 +67,8 @@ async def test_each_test_starts_empty(tasksession_db: SessionManager) -> None:
 
 
 # --8<-- [start:worker]
-async def test_a_worker_drains_the_queue(tasksession_db: SessionManager) -> None:
-    await import_notes([f"job {n}" for n in range(5)])
+async def drain(db: SessionManager, concurrency: int = 1) -> None:
+    """Run the worker until the queue is empty, then stop it."""
     stop = anyio.Event()
 
     async def step(session: AsyncSession) -> bool:
@@ -78,7 +78,12 @@ async def test_a_worker_drains_the_queue(tasksession_db: SessionManager) -> None
         return found
 
     with anyio.fail_after(20):
-        await run_worker(tasksession_db, step, stop=stop, idle_delay=0.01)
+        await run_worker(db, step, concurrency=concurrency, stop=stop, idle_delay=0.01)
+
+
+async def test_a_worker_drains_the_queue(tasksession_db: SessionManager) -> None:
+    await import_notes([f"job {n}" for n in range(5)])
+    await drain(tasksession_db)
     assert 0 == await open_notes()
 
 
@@ -91,16 +96,7 @@ async def test_two_workers_skip_each_others_rows(tasksession_db: SessionManager)
     # Real concurrency (FOR UPDATE SKIP LOCKED between two transactions) needs a
     # database of the test's own: clone mode gives one, cloned from a template.
     await import_notes([f"job {n}" for n in range(20)])
-    stop = anyio.Event()
-
-    async def step(session: AsyncSession) -> bool:
-        found = await mark_one_done(session)
-        if not found:
-            stop.set()
-        return found
-
-    with anyio.fail_after(20):
-        await run_worker(tasksession_db, step, concurrency=4, stop=stop, idle_delay=0.01)
+    await drain(tasksession_db, concurrency=4)
     assert 0 == await open_notes()
 
 

@@ -39,16 +39,8 @@ __all__ = [
     "isolated",
 ]
 
-for _name in (
-    "Clone",
-    "SavepointIsolationWarning",
-    "SharedConnectionTimeoutError",
-    "StrayEngineError",
-    "allow",
-    "assert_no_leaks",
-    "create_clone",
-    "drop_templates",
-    "isolated",
-):
-    globals()[_name].__module__ = __name__
+# Shown under their public path (type aliases have no __module__ of their own to set).
+for _name in __all__:
+    if _name not in ("Mode", "SchemaHook"):
+        globals()[_name].__module__ = __name__
 del _name
