@@ -11,18 +11,27 @@ errors for bad input, and that a manager isolated in one event loop works in the
 from __future__ import annotations
 
 import asyncio
+import os
 import warnings
 from typing import Any
 
 import anyio
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import exc, func, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tasksession import ReadOnlyScopeError, SessionManager
-from tasksession.testing import StrayEngineError, assert_no_leaks, isolated
+from tasksession.testing import (
+    StrayEngineError,
+    assert_no_leaks,
+    create_clone,
+    drop_templates,
+    isolated,
+)
+from tasksession.testing._clone import template_count
 
-from .helpers import reset_tables
-from .models import User
+from .helpers import admin_engine, reset_tables
+from .models import Base, User
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +191,61 @@ def test_a_manager_isolated_in_one_event_loop_works_in_the_next(database_url: st
             assert ["second"] == asyncio.run(one_test("second"))
     finally:
         asyncio.run(db.dispose())
+
+
+async def test_an_applications_own_sqlite_engine_is_isolated_too(tmp_path: Any) -> None:
+    # pysqlite's own transaction handling emits no BEGIN before a SAVEPOINT: without
+    # SQLAlchemy's documented fix (tasksession applies it to engine= too), the test's
+    # outer rollback would keep the rows.
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/own.db")
+    db = SessionManager(engine=engine)
+    try:
+        await reset_tables(engine)
+        async with isolated(db):
+            async with db.scope() as session:
+                session.add(User(name="ada"))
+            assert ["ada"] == await users(db)
+        assert [] == await users(db)
+    finally:
+        await db.dispose()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_one_template_serves_every_clone_even_while_someone_uses_it(
+    pg_db: SessionManager,
+) -> None:
+    # Built once per hook (`Base.metadata.create_all` is a new, equal bound method each
+    # time it is read); PostgreSQL refuses to clone a database in use, so the sessions
+    # on the template are terminated first.
+    first = await create_clone(pg_db.engine.url, Base.metadata.create_all)
+    second = None
+    try:
+        lister = admin_engine(pg_db.engine.url.render_as_string(hide_password=False))
+        try:
+            async with lister.connect() as c:
+                templates = list(
+                    await c.scalars(
+                        text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
+                        {"p": f"%\\_tmpl\\_{os.getpid()}\\_%"},
+                    )
+                )
+        finally:
+            await lister.dispose()
+        assert 1 == len(templates)
+        template = templates[0]
+        squatter = admin_engine(pg_db.engine.url.set(database=template))
+        try:
+            async with squatter.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+                second = await create_clone(pg_db.engine.url, Base.metadata.create_all)
+                assert 1 == template_count()
+                with pytest.raises(exc.DBAPIError):  # terminated to make the clone
+                    await connection.execute(text("SELECT 1"))
+        finally:
+            await squatter.dispose()
+    finally:
+        await first.drop()
+        if second is not None:
+            await second.drop()
+        await drop_templates()

@@ -50,12 +50,14 @@ class Clone:
             await _drop_postgres(self.url)
 
 
-# (server and database of the source, the hook) -> the template's URL
-_TEMPLATES: dict[tuple[str, int], tuple[URL, SchemaHook]] = {}
+# (server and database of the source, the hook) -> the template's URL. The hook is
+# compared by equality, not identity: `Base.metadata.create_all` is a new bound
+# method object each time it is read, equal to the others.
+_TEMPLATES: dict[tuple[str, SchemaHook], URL] = {}
 
 
-def _key(url: URL, schema: SchemaHook) -> tuple[str, int]:
-    return url.render_as_string(hide_password=False), id(schema)
+def _key(url: URL, schema: SchemaHook) -> tuple[str, SchemaHook]:
+    return url.render_as_string(hide_password=False), schema
 
 
 def _unique_name(base: str, kind: str) -> str:
@@ -99,7 +101,7 @@ async def _template(url: URL, schema: SchemaHook) -> URL:
     key = _key(url, schema)
     known = _TEMPLATES.get(key)
     if known is not None:
-        return known[0]
+        return known
     if url.get_backend_name() == "sqlite":
         template = _sqlite_sibling(url, "template")
     else:
@@ -118,7 +120,7 @@ async def _template(url: URL, schema: SchemaHook) -> URL:
         await Clone(template).drop()
         raise
     await engine.dispose()
-    _TEMPLATES[key] = (template, schema)  # the hook is kept alive: its id is the key
+    _TEMPLATES[key] = template
     return template
 
 
@@ -195,7 +197,7 @@ def _remove_sqlite(url: URL) -> None:
 
 async def drop_templates() -> None:
     """Drop every template database this process built (clone mode); call it once, at the end."""
-    templates = [template for template, _hook in _TEMPLATES.values()]
+    templates = list(_TEMPLATES.values())
     _TEMPLATES.clear()
     for template in templates:
         await Clone(template).drop()
