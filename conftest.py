@@ -39,6 +39,20 @@ def postgres_url(postgres_server: PostgresServer) -> str:
     return postgres_server.url
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def module_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A database for a whole module (a SQLite file of its own, or the run's PostgreSQL).
+
+    For modules whose tables are created once and whose tests run isolated by the
+    testing plugin (``tasksession_manager`` built on it).
+    """
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('module')}/module.db"
+    return str(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture(autouse=True)
 def _collect_garbage_after_each_test() -> Iterator[None]:
     """Collect garbage after every test, so that a resource one leaks is reported there.

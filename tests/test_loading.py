@@ -69,15 +69,10 @@ class Stamped(LoadingBase):
     updated_at: Mapped[datetime | None] = mapped_column(DateTime, onupdate=func.now())
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-async def tasksession_manager(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[SessionManager]:
+@pytest.fixture(scope="module")
+async def tasksession_manager(module_database_url: str) -> AsyncIterator[SessionManager]:
     """A manager whose database holds one author (id 1) who wrote two books (ids 1, 2)."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('loading')}/loading.db"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
+    url = module_database_url
     db = SessionManager(url)
     async with db.engine.begin() as conn:
         await conn.run_sync(LoadingBase.metadata.drop_all)

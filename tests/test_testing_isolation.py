@@ -28,7 +28,6 @@ from tasksession.testing import (
     drop_templates,
     isolated,
 )
-from tasksession.testing._clone import template_count
 
 from .helpers import admin_engine, reset_tables
 from .models import Base, User
@@ -212,34 +211,39 @@ async def test_an_applications_own_sqlite_engine_is_isolated_too(tmp_path: Any) 
 
 
 @pytest.mark.postgres
+async def templates_of_this_process(url: Any) -> set[str]:
+    lister = admin_engine(url.render_as_string(hide_password=False))
+    try:
+        async with lister.connect() as connection:
+            names = await connection.scalars(
+                text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
+                {"p": f"%\\_tmpl\\_{os.getpid()}\\_%"},
+            )
+            return set(names)
+    finally:
+        await lister.dispose()
+
+
 async def test_one_template_serves_every_clone_even_while_someone_uses_it(
     pg_db: SessionManager,
 ) -> None:
     # Built once per hook (`Base.metadata.create_all` is a new, equal bound method each
     # time it is read); PostgreSQL refuses to clone a database in use, so the sessions
-    # on the template are terminated first.
-    first = await create_clone(pg_db.engine.url, Base.metadata.create_all)
+    # on the template are terminated first. (Other tests of the run may have built
+    # templates of their own: only this test's are counted.)
+    url = pg_db.engine.url
+    before = await templates_of_this_process(url)
+    first = await create_clone(url, Base.metadata.create_all)
     second = None
     try:
-        lister = admin_engine(pg_db.engine.url.render_as_string(hide_password=False))
-        try:
-            async with lister.connect() as c:
-                templates = list(
-                    await c.scalars(
-                        text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
-                        {"p": f"%\\_tmpl\\_{os.getpid()}\\_%"},
-                    )
-                )
-        finally:
-            await lister.dispose()
-        assert 1 == len(templates)
-        template = templates[0]
-        squatter = admin_engine(pg_db.engine.url.set(database=template))
+        built = await templates_of_this_process(url) - before
+        assert 1 == len(built)
+        squatter = admin_engine(url.set(database=built.pop()))
         try:
             async with squatter.connect() as connection:
                 await connection.execute(text("SELECT 1"))
-                second = await create_clone(pg_db.engine.url, Base.metadata.create_all)
-                assert 1 == template_count()
+                second = await create_clone(url, Base.metadata.create_all)
+                assert 1 == len(await templates_of_this_process(url) - before)
                 with pytest.raises(exc.DBAPIError):  # terminated to make the clone
                     await connection.execute(text("SELECT 1"))
         finally:

@@ -16,14 +16,9 @@ from tasksession import SessionManager
 from .app import Base, db
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-async def tasksession_manager(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[SessionManager]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('guide')}/guide.db"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
+@pytest.fixture(scope="module")
+async def tasksession_manager(module_database_url: str) -> AsyncIterator[SessionManager]:
+    url = module_database_url
     db.configure(url)
     async with db.engine.begin() as connection:
         await connection.run_sync(Base.metadata.drop_all)

@@ -47,15 +47,10 @@ class Client:
             )
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-async def tasksession_manager(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[SessionManager]:
+@pytest.fixture(scope="module")
+async def tasksession_manager(module_database_url: str) -> AsyncIterator[SessionManager]:
     """The app's manager, for the plugin to isolate in each test (tables created once)."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('notes')}/notes.db"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
+    url = module_database_url
     manager = make_manager(url)
     async with manager.engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)

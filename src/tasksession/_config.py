@@ -29,12 +29,7 @@ from ._sqlite import (
 )
 from ._urls import check_async_url
 
-__all__ = [
-    "Binding",
-    "ManagerOptions",
-    "create_binding",
-    "split_options",
-]
+__all__ = ["Binding", "ManagerOptions", "create_binding", "split_options"]
 
 #: Options the manager itself understands; everything else goes to create_async_engine.
 _MANAGER_OPTIONS = frozenset(
@@ -215,9 +210,9 @@ class Binding:
 
     #: Whose turn it is among the replicas (round robin).
     replica_turn: Iterator[int] = field(default_factory=itertools.count)
-    #: The ``create_async_engine`` arguments of a configuration from a URL (``None``
-    #: for an application's ``engine=``): another database gets the same settings.
-    engine_kwargs: dict[str, Any] | None = None
+    #: The ``create_async_engine`` arguments (none for an application's ``engine=``):
+    #: another database of the same configuration gets the same settings.
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.write_session_kwargs is None:
@@ -329,5 +324,5 @@ def create_binding(
         session_class=session_class,
         session_kwargs=session_kwargs,
         write_session_kwargs=write_session_kwargs,
-        engine_kwargs=None if engine is not None else engine_kwargs,
+        engine_kwargs=engine_kwargs,
     )

@@ -16,12 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._compat import current_task, get_running_loop_or_none
-from ._config import (
-    Binding,
-    ManagerOptions,
-    create_binding,
-    split_options,
-)
+from ._config import Binding, ManagerOptions, create_binding, split_options
 from ._errors import CrossThreadError, NoScopeError, ScopeClosedError
 from ._home import ScopeHome
 from ._interrupt import finish_cancelling, watch_all

@@ -40,7 +40,7 @@ def binding_for(
     options = replace(previous.options, replicas=())
     if isinstance(target, AsyncEngine):
         return create_binding(None, target, options, {}, session_class)
-    return create_binding(target, None, options, previous.engine_kwargs or {}, session_class)
+    return create_binding(target, None, options, previous.engine_kwargs, session_class)
 
 
 def connection_binding(
@@ -54,10 +54,9 @@ def connection_binding(
 
     :param session_class: the guarded class scopes create (``session_class_for``).
     """
-    options = previous.options
     join = {"join_transaction_mode": "create_savepoint"}
     bind: Any = connection  # sessions accept a connection wherever they take an engine
-    binding = replace(
+    return replace(
         previous,
         write_engine=bind,
         readonly_engine=bind,
@@ -65,11 +64,10 @@ def connection_binding(
         replica_readonly_engines=(),
         extra_engines=(),
         owns_engines=False,
-        options=replace(options, commit_timeout=None, replicas=()),
+        options=replace(previous.options, commit_timeout=None, replicas=()),
         session_class=session_class,
         session_kwargs={**previous.session_kwargs, **join},
         write_session_kwargs={**previous.write_session_kwargs, **join},
         commit_watchdog=CommitWatchdog(),
         replica_turn=itertools.count(),
     )
-    return binding

@@ -77,14 +77,6 @@ class _OuterTransactionCommitted(AssertionError):
     pass
 
 
-def _refuse_outer_commit(connection: Connection) -> None:
-    # Fires for the outer transaction only (a session's commit is a RELEASE here).
-    # SQLAlchemy ends the transaction even so: the isolated block reports it again
-    # when it ends, above whatever failed after it.
-    connection.info[_COMMITTED] = True
-    raise _OuterTransactionCommitted(_OUTER_COMMIT)
-
-
 _COMMITTED = "tasksession.testing.outer_commit"
 _OUTER_COMMIT = (
     "tasksession.testing: code under test committed the test's outer transaction "
@@ -93,6 +85,14 @@ _OUTER_COMMIT = (
     "the test rolls back. Commit through the session (session.commit() is a RELEASE "
     "SAVEPOINT here), or run this test in clone mode: isolated(db, mode='clone')."
 )
+
+
+def _refuse_outer_commit(connection: Connection) -> None:
+    # Fires for the outer transaction only (a session's commit is a RELEASE here).
+    # SQLAlchemy ends the transaction even so: the isolated block reports it again
+    # when it ends, above whatever failed after it.
+    connection.info[_COMMITTED] = True
+    raise _OuterTransactionCommitted(_OUTER_COMMIT)
 
 
 def _label_of(db: SessionManager) -> str | None:

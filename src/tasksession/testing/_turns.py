@@ -128,11 +128,6 @@ class SharedConnection:
     """One connection in a transaction that sessions take in turns (see the module's text)."""
 
     def __init__(self, connection: AsyncConnection, wait_timeout: float = WAIT_TIMEOUT) -> None:
-        if not connection.in_transaction():
-            raise ValueError(
-                "the test's connection must be inside a transaction: "
-                "`connection = await engine.connect(); await connection.begin()`"
-            )
         if not wait_timeout > 0:
             raise ValueError(f"wait_timeout={wait_timeout!r} must be a positive number of seconds")
         self.connection = connection
@@ -165,11 +160,8 @@ class SharedConnection:
 
     def take(self, session: Session) -> None:
         """Wait for ``session``'s turn (in an operation's greenlet) and hold the connection."""
-        if self._may_run(session):
-            if session not in self.holders:
-                self.holders.append(session)
-            return
-        await_only(self._wait_turn(session, "run a statement"))
+        if not self._may_run(session):
+            await_only(self._wait_turn(session, "run a statement"))
         if session not in self.holders:
             self.holders.append(session)
 
